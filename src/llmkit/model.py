@@ -325,9 +325,15 @@ class Transformer(nn.Module):
         """Final hidden states (B, T, C) of the encoder or decoder stack (the trunk every head sits on)."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise LlmkitError(f"sequence of {start + T} tokens exceeds the model's context (block_size="
+        # with explicit position_ids (left padding, the server's slot cache) the cache write position may
+        # run ahead of the logical positions; the context limit applies to the positions themselves
+        n_ctx = start + T if position_ids is None or cache is None else int(position_ids.max()) + 1
+        if n_ctx > self.cfg.block_size:
+            raise LlmkitError(f"sequence of {n_ctx} tokens exceeds the model's context (block_size="
                               f"{self.cfg.block_size}); shorten the input")
+        if cache is not None and start + T > cache.max_len:
+            raise LlmkitError(f"the KV cache holds {cache.max_len} positions but {start + T} are needed; "
+                              "allocate a larger cache")
         x, rope = self.embed(idx, position_ids, token_type_ids, start)
         mask, is_causal = attention_mask_for(self.cfg.causal, T, attention_mask, cache, idx.device)
         for i, block in enumerate(self.blocks):
