@@ -26,8 +26,14 @@ COMMANDS: dict[str, Any] = {
     },
     "prepare": ("llmkit.data.prepare:prepare", "tokenize a corpus into train/val token shards"),
     "pretrain": ("llmkit.train.pretrain:pretrain", "pretrain a model (causal LM or masked LM) with exact resume"),
+    "evaluate": ("llmkit.evaluate.evaluate:evaluate", "accuracy/P/R/F1 + confusion matrix, seqeval NER report, or perplexity"),
     "generate": ("llmkit.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
     "bench": ("llmkit.bench:bench", "measure training and decoding speed against reference implementations"),
+    "finetune": {
+        "classify": ("llmkit.finetune.classify:classify", "fine-tune a text classifier ([CLS]/mean/last-token head)"),
+        "ner": ("llmkit.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),
+        "multitask": ("llmkit.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
+    },
 }
 
 

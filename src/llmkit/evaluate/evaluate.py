@@ -1,0 +1,130 @@
+"""`llmkit evaluate`: score a checkpoint and write results JSON next to it.
+
+Fine-tuned classifiers get accuracy and macro/micro P/R/F1 (+ confusion.png), NER models a seqeval
+entity report, language models the perplexity of a text file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from llmkit.errors import LlmkitError
+
+
+def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"] = "test",
+             text_field: str | None = None, label_field: str | None = None, stride: int = 0,
+             max_tokens: int = 0, out: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate a checkpoint; results go to CKPT/eval_results.json (or `out`).
+
+    Args:
+        ckpt: checkpoint folder (fine-tuned classifier/NER/multitask model, or a language model).
+        data: classifier/NER: labelled file or named dataset to score (default: the held-out split of the
+            data it was fine-tuned on); language model: text file or named corpus for perplexity (required).
+        split: which held-out split to score when `data` is not given: test or val.
+        text_field: text column of `data` (default: the one used in fine-tuning, else "text").
+        label_field: label column of `data` (default: the one used in fine-tuning, else "label").
+        stride: perplexity sliding-window step in tokens (0 = block_size, i.e. non-overlapping windows).
+        max_tokens: score only the first N tokens of the text (0 = all).
+        out: results JSON path (default CKPT/eval_results.json).
+        device: cpu or cuda.
+
+    Examples:
+        llmkit evaluate runs/rt-cls
+        llmkit evaluate runs/rt-cls --data my_reviews.csv --out runs/rt-cls/my_reviews.json
+        llmkit evaluate runs/wnut-ner
+        llmkit evaluate runs/demo --data bible --max_tokens 50000
+    """
+    from llmkit.checkpoint import read_meta
+
+    meta = read_meta(ckpt)
+    results = (_evaluate_heads(ckpt, meta, data, split, text_field, label_field, device, out)
+               if "heads" in meta else _evaluate_lm(ckpt, meta, data, stride, max_tokens, device, out))
+    return results
+
+
+def _evaluate_heads(ckpt: str, meta: dict[str, Any], data: str | None, split: str, text_field: str | None,
+                    label_field: str | None, device: str, out: str | None) -> dict[str, Any]:
+    from llmkit.finetune.data import prepare_tokenizer
+    from llmkit.finetune.run import RESULTS, HeadSource, read_examples, split_examples, write_results
+    from llmkit.finetune.task import Encoded, FinetuneTask, HeadData, encode_classify, encode_ner
+    from llmkit.heads import load_task_model
+
+    model, tok, _ = load_task_model(ckpt, device)
+    prepare_tokenizer(tok)
+    specs, sources = meta["heads"], {d["name"]: d for d in meta.get("data", [])}
+    if data is not None and len(specs) > 1:
+        raise LlmkitError(f"{ckpt} has {len(specs)} task heads; evaluate it on its own splits (omit --data)")
+    s = meta.get("split", {"val_frac": 0.1, "test_frac": 0.1, "seed": 0})
+    max_len = int(meta.get("max_len", model.cfg.block_size))
+    results: dict[str, Any] = {"checkpoint": str(ckpt)}
+    task = FinetuneTask([], tok.pad_id, 1, device=device)
+    for name, spec in specs.items():
+        kind, labels = spec["kind"], spec["labels"]
+        src_meta = sources.get(name, {})
+        tf = text_field or src_meta.get("text_field", "text")
+        lf = label_field or src_meta.get("label_field", "label")
+        if data is not None:
+            examples, where = read_examples(kind, data, tf, lf), data
+        else:
+            if not src_meta:
+                raise LlmkitError(f"{ckpt} does not record its training data; pass --data FILE to evaluate on")
+            src = HeadSource(name, kind, src_meta["data"], src_meta.get("val"), src_meta.get("test"),
+                             text_field=tf, label_field=lf)
+            _, val, test = split_examples(src, s["val_frac"], s["test_frac"], s["seed"])
+            examples, where = (test if split == "test" else val), f"{src_meta['data']} ({split} split)"
+            if not examples:
+                raise LlmkitError(f"{ckpt} was trained without a {split} split; pass --data FILE to evaluate on")
+        enc: Encoded = (encode_classify if kind == "classify" else encode_ner)(tok, examples, labels, model.cfg.arch,
+                                                                               max_len, where)
+        head = HeadData(name, kind, labels, enc)
+        res = task.predict(model, head, enc)
+        results[name] = {"data": where, "loss": res["loss"], **res["report"]}
+        if kind == "classify":
+            from llmkit.evaluate.metrics import confusion, plot_confusion
+
+            cm = confusion(res["y_true"], res["y_pred"], labels)
+            results[name]["confusion"] = {"labels": labels, "matrix": cm}
+            png = Path(out).with_suffix(".png") if out else Path(ckpt) / (
+                "confusion.png" if len(specs) == 1 else f"confusion_{name}.png")
+            plot_confusion(cm, labels, png, f"{name}: {where}")
+            print(f"{name}: accuracy {res['report']['accuracy']:.4f}  macro-F1 {res['report']['macro_f1']:.4f}  "
+                  f"micro-F1 {res['report']['micro_f1']:.4f}  (n={res['report']['n']})  confusion matrix -> {png}")
+        else:
+            r = res["report"]
+            print(f"{name}: entity P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}  "
+                  f"(n={r['n_sentences']} sentences)")
+    path = Path(out) if out else Path(ckpt) / RESULTS
+    write_results(path, results)
+    print(f"results -> {path}")
+    return results
+
+
+def _evaluate_lm(ckpt: str, meta: dict[str, Any], data: str | None, stride: int, max_tokens: int, device: str,
+                 out: str | None) -> dict[str, Any]:
+    from llmkit.checkpoint import load
+    from llmkit.data.corpus import read_corpus
+    from llmkit.evaluate.perplexity import perplexity_of_ids
+    from llmkit.finetune.run import write_results
+
+    if data is None:
+        raise LlmkitError("perplexity needs a text: pass --data FILE (or a named corpus such as bible)")
+    arch = meta["model"].get("arch")
+    if arch not in ("decoder", "lstm"):
+        raise LlmkitError(f"perplexity is defined for causal language models; {ckpt} is a {arch} model")
+    model, tok = load(ckpt, device)
+    if tok is None:
+        raise LlmkitError(f"{ckpt} has no tokenizer.json; perplexity needs the model's tokenizer")
+    ids = tok.encode(read_corpus(data))
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise LlmkitError(f"{data} has fewer than 2 tokens; perplexity needs some text")
+    block = model.cfg.block_size
+    res = {"checkpoint": str(ckpt), "data": data, "block_size": block, "stride": stride or block,
+           **perplexity_of_ids(model, ids, block, stride or block, device)}
+    path = Path(out) if out else Path(ckpt) / "eval_results.json"
+    write_results(path, res)
+    print(f"perplexity {res['perplexity']:.3f} ({res['bits_per_token']:.4f} bits/token over {res['n_tokens']:,} "
+          f"tokens) -> {path}")
+    return res
