@@ -34,6 +34,15 @@ COMMANDS: dict[str, Any] = {
         "ner": ("llmkit.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),
         "multitask": ("llmkit.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
     },
+    "wordvec": {
+        "train": ("llmkit.wordvec:wordvec_train", "train Word2Vec (CBOW / skip-gram) or FastText word vectors"),
+        "similar": ("llmkit.wordvec:wordvec_similar", "nearest neighbours of a word, or an analogy a - b + c"),
+    },
+    "explain": {
+        "attention": ("llmkit.explain.attention:explain_attention", "attention heatmap PNG + HTML page of all heads"),
+        "tokens": ("llmkit.explain.tokens:explain_tokens", "per-token attribution (gradient x input, integrated gradients)"),
+        "bias": ("llmkit.explain.bias:explain_bias", "minimal-pair log-prob skew with a bootstrap confidence interval"),
+    },
 }
 
 
