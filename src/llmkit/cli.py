@@ -28,12 +28,18 @@ COMMANDS: dict[str, Any] = {
     "pretrain": ("llmkit.train.pretrain:pretrain", "pretrain a model (causal LM or masked LM) with exact resume"),
     "evaluate": ("llmkit.evaluate.evaluate:evaluate", "accuracy/P/R/F1 + confusion matrix, seqeval NER report, or perplexity"),
     "generate": ("llmkit.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
+    "serve": ("llmkit.serve.app:serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
     "bench": ("llmkit.bench:bench", "measure training and decoding speed against reference implementations"),
     "finetune": {
         "classify": ("llmkit.finetune.classify:classify", "fine-tune a text classifier ([CLS]/mean/last-token head)"),
         "ner": ("llmkit.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),
         "multitask": ("llmkit.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
+        "sft": ("llmkit.finetune.sft:sft", "instruction-tune a decoder on chat JSONL (loss on responses; LoRA optional)"),
     },
+    "lora": {
+        "merge": ("llmkit.lora:merge", "fold a LoRA adapter into its base checkpoint"),
+    },
+    "chat": ("llmkit.chat_repl:chat", "interactive terminal chat with a checkpoint or adapter (its chat template)"),
     "wordvec": {
         "train": ("llmkit.wordvec:wordvec_train", "train Word2Vec (CBOW / skip-gram) or FastText word vectors"),
         "similar": ("llmkit.wordvec:wordvec_similar", "nearest neighbours of a word, or an analogy a - b + c"),

@@ -1,0 +1,319 @@
+"""The one training loop behind pretraining and every fine-tune: AdamW, warmup + cosine decay, gradient
+clipping and accumulation, periodic validation, early stopping, checkpoints, exact resume and DDP.
+
+What is trained on is a `Task` (batches, loss, evaluation, data-position state); the loop owns the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmkit.errors import LlmkitError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training command."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 12  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    min_lr: float | None = None  # floor of the cosine decay; None -> lr / 10
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # on matrices only: never on norms, biases (or embeddings unless decay_embeddings)
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    eval_every: int = 250  # steps between validations (and at the last step); 0 = only at the end
+    eval_batches: int = 20  # batches per validation
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "cpu"
+    stop_at: int = 0  # stop (saving a resumable checkpoint) at this step although the schedule runs to max_steps
+    patience: int = 0  # early stopping: stop after this many validations without improvement (0 = off)
+    metric: str = "val_loss"  # validation metric for early stopping / best checkpoint
+    metric_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise LlmkitError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LlmkitError(f"lr must be positive, got {self.lr}")
+
+
+class Task(Protocol):
+    """What to train on: deterministic batches, a loss, validation metrics and a resumable data position."""
+
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def n_tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) when not launched by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); returns (rank, world, device)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to min_lr at max_steps."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig, params: Iterable[nn.Parameter] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Split trainable parameters into decayed (matrices) and not decayed (norms, biases, embeddings)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    allowed = None if params is None else {id(p) for p in params}
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen or (allowed is not None and id(p) not in allowed):
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embedding_ids
+        if p.dim() >= 2 and (not is_embedding or cfg.decay_embeddings):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    if not decay and not no_decay:
+        raise LlmkitError("no trainable parameters: everything is frozen")
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, params: Iterable[nn.Parameter] | None = None
+                   ) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, params)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):  # fused kernels unavailable for this device/dtype
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl plus a loss-curve PNG redrawn from it."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.png = out_dir / "loss.png"
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint's step (written by a run that died later)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def plot(self) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.png.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.png)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
+        save: Callable[[str, dict[str, Any]], None], resume_state: dict[str, Any] | None = None,
+        params: Iterable[nn.Parameter] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Train `model` on `task` for cfg.max_steps optimizer steps; returns the metric records.
+
+    save(kind, training_state) is called with kind "last" (every save_every steps and at the end, with
+    the state needed to resume) and "best" (when the validation metric improves).
+    resume_state: a state previously passed to save; restores optimizer, step, RNG and data position.
+    params: train only these (e.g. LoRA adapters); default every parameter with requires_grad.
+    """
+    out_dir = Path(out_dir)
+    rank, world = dist_info()
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out_dir, is_main)
+    torch.manual_seed(cfg.seed + rank)  # dropout RNG, per process
+    opt = make_optimizer(model, cfg, params)
+    step, best, bad_evals, records = 0, None, 0, []
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        task.load_state_dict(resume_state["task"])
+        torch.set_rng_state(resume_state["rng_cpu"])
+        if torch.cuda.is_available() and resume_state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume_state["rng_cuda"])
+        step, best, bad_evals = resume_state["step"], resume_state.get("best"), resume_state.get("bad_evals", 0)
+        log.truncate_after(step)
+        if step >= cfg.max_steps:
+            raise LlmkitError(f"the checkpoint is already at step {step} >= max_steps {cfg.max_steps}; "
+                              "raise --max_steps to train further")
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model)
+
+    def state() -> dict[str, Any]:
+        return {"step": step, "optimizer": opt.state_dict(), "task": task.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "best": best, "bad_evals": bad_evals, "train_config": dataclasses.asdict(cfg)}
+
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    t_last, tokens_since, stop_early = time.perf_counter(), 0, False
+    while step < cfg.max_steps and not stop_early:
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=cfg.device)
+        for micro in range(cfg.grad_accum):
+            batch = task.train_batch(step, micro)
+            tokens_since += task.n_tokens(batch) * world
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+            with ctx:
+                loss = task.loss(ddp_model, batch) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_val = float(loss_sum)
+        if not math.isfinite(loss_val):
+            raise LlmkitError(f"loss became {loss_val} at step {step}; lower --lr or raise --warmup_steps")
+        if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
+            now = time.perf_counter()
+            tok_s = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            rec = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens_per_s": round(tok_s, 1)}
+            if grad_norm is not None:
+                rec["grad_norm"] = round(grad_norm, 4)
+            records.append(rec)
+            log.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+        if bar is not None:
+            bar.update(1)
+        last = step == cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            model.eval()
+            with torch.no_grad():
+                metrics = task.evaluate(model)
+            model.train()
+            rec = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}}
+            records.append(rec)
+            log.write(rec)
+            log.plot()
+            if bar is not None:
+                bar.write("step {:>6}: ".format(step) + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if cfg.metric in metrics:
+                if _better(metrics[cfg.metric], best, cfg.metric_mode):
+                    best, bad_evals = metrics[cfg.metric], 0
+                    if is_main:
+                        save("best", state())
+                else:
+                    bad_evals += 1
+                    if cfg.patience and bad_evals >= cfg.patience:
+                        stop_early = True
+                        if bar is not None:
+                            bar.write(f"early stopping: {cfg.metric} did not improve for {bad_evals} evaluations")
+        if cfg.stop_at and step >= cfg.stop_at:
+            stop_early = True
+        if is_main and ((cfg.save_every and step % cfg.save_every == 0) or last or stop_early):
+            save("last", state())
+    if bar is not None:
+        bar.close()
+    return records
