@@ -49,6 +49,16 @@ COMMANDS: dict[str, Any] = {
         "tokens": ("llmkit.explain.tokens:explain_tokens", "per-token attribution (gradient x input, integrated gradients)"),
         "bias": ("llmkit.explain.bias:explain_bias", "minimal-pair log-prob skew with a bootstrap confidence interval"),
     },
+    "convert": {
+        "from-hf": ("llmkit.convert:from_hf", "import a Hugging Face folder (GPT-2/Llama/BERT) or a GGUF file"),
+        "to-hf": ("llmkit.convert:to_hf", "export a checkpoint as a folder transformers/vLLM load"),
+    },
+    "export": {
+        "onnx": ("llmkit.export:onnx", "export to ONNX (dynamic batch/sequence axes) for onnxruntime"),
+        "torchscript": ("llmkit.export:torchscript", "export a traced TorchScript module (torch.jit.load)"),
+    },
+    "embed": ("llmkit.embed:embed", "embed a text file (mean pooling + L2 norm) into a .npy search index"),
+    "search": ("llmkit.embed:search", "semantic search: rank an embedding index against a query"),
 }
 
 
