@@ -1,0 +1,384 @@
+"""Continuous-batching inference engine: requests join and leave one running decode batch at token boundaries.
+
+One background thread owns the model. It keeps a slot cache of `max_batch` rows (`KVCache` of
+(max_batch, nkv, L, hd), L = 2 * block_size) whose rows all end at the shared write position `pos`:
+
+    row i holds its n_i cached tokens at buffer positions [pos - n_i, pos); earlier positions are invalid.
+
+A new request is prefilled alone (B=1 cache), its K/V copied right-aligned into a free slot, then it
+decodes with everyone else: one (B, 1) forward per step with per-row `position_ids` (each row's own
+logical position) and an attention mask hiding other rows' stale positions and free slots. When `pos`
+reaches L the buffer is shifted left (compaction); a prompt longer than `pos` shifts it right.
+Finished, stopped and cancelled requests free their slot at once.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.generate import SamplingParams, sample_next
+from llmkit.model import KVCache
+from llmkit.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenEvent:
+    """Text produced for one request since the last event; `finish_reason` is set on the last one."""
+
+    index: int  # choice index within the HTTP request
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]]  # per token: {"token", "logprob", "top": [(token, logprob), ...]}
+    finish_reason: str | None = None
+    n_generated: int = 0  # tokens sampled so far (for usage)
+    error: str | None = None
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate. `sink` receives `TokenEvent`s from the engine thread."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[TokenEvent], None]
+    index: int = 0
+    logprobs: int | None = None  # number of top alternatives to report per token (None = no logprobs)
+    stop_ids: set[int] = field(default_factory=set)  # single special tokens that end the turn
+    # runtime state, owned by the engine thread
+    out_ids: list[int] = field(default_factory=list)
+    n_cached: int = 0
+    slot: int = -1
+    next_token: int = -1
+    cancelled: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    emitted: int = 0  # characters of text already sent
+    n_sampled: int = 0  # tokens sampled, including a final end-of-turn token (usage counts these)
+    generator: torch.Generator | None = None
+    budget: int = 0
+    stream: TextStream | None = None
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings, as `generate_text` does it (hold back a possible stop)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def visible(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was hit)."""
+        text = self.tok.decode(ids)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            return text[: min(hits)], True
+        if final:
+            return text, False
+        if self.stops:
+            return text[: max(len(text) - self.hold, 0)], False
+        return text.rstrip("\ufffd"), False  # wait for the rest of a multi-byte character
+
+
+class Engine:
+    """Runs decoder generation for many concurrent requests in one batched decode loop (see module doc)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8,
+                 on_step: Callable[[int, float], None] | None = None):
+        cfg = model.cfg
+        if cfg.arch != "decoder":
+            raise LlmkitError(f"the server generates with decoder models; this checkpoint is arch={cfg.arch!r}")
+        if max_batch < 1:
+            raise LlmkitError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.tok, self.max_batch = model.eval(), tokenizer, max_batch
+        self.block_size = cfg.block_size
+        self.device = next(model.parameters()).device
+        self.cache: KVCache = model.new_cache(max_batch, 2 * cfg.block_size)
+        self.slots: list[GenRequest | None] = [None] * max_batch
+        self.pending: queue.SimpleQueue[GenRequest | Callable[[], None]] = queue.SimpleQueue()
+        self.on_step = on_step  # metrics hook: (tokens produced this step, seconds)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting: list[GenRequest] = []
+        self.error: BaseException | None = None
+
+    # -- public API (any thread) --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel whatever is still running and stop the loop."""
+        self._stop.set()
+        self.pending.put(lambda: None)  # wake the loop
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, req: GenRequest) -> None:
+        """Queue a request; the engine admits it at the next token boundary with a free slot."""
+        if not self.alive:
+            raise LlmkitError("the engine is not running")
+        self.pending.put(req)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between decode steps (e.g. embeddings) and return its result."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed back to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        self.pending.put(job)
+        while not done.wait(0.5):
+            if not self.alive:
+                raise LlmkitError("the engine stopped")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    @staticmethod
+    def cancel(req: GenRequest) -> None:
+        """Mark a request cancelled (client gone); its slot is freed at the next token boundary."""
+        req.cancelled = True
+
+    @property
+    def n_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting) + self.pending.qsize()
+
+    # -- the loop (engine thread) -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._drain(block=self.n_running == 0 and not self._waiting)
+                    self._admit()
+                    if self.n_running:
+                        self._step()
+        except BaseException as e:  # never die silently: fail every request and report
+            self.error = e
+            raise
+        finally:
+            for r in [s for s in self.slots if s is not None] + self._waiting:
+                self._finish(r, "abort")
+            while not self.pending.empty():
+                item = self.pending.get()
+                if isinstance(item, GenRequest):
+                    self._finish(item, "abort")
+                else:
+                    item()
+
+    def _drain(self, block: bool) -> None:
+        """Move queued requests to the waiting list; run queued jobs."""
+        try:
+            item = self.pending.get(timeout=0.2) if block else self.pending.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, GenRequest):
+                self._waiting.append(item)
+            else:
+                item()
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots (lowest slot first, to keep the active rows short)."""
+        while self._waiting and None in self.slots:
+            req = self._waiting.pop(0)
+            if req.cancelled:
+                self._finish(req, "abort")
+                continue
+            try:
+                self._prefill(req)
+            except LlmkitError as e:
+                req.sink(TokenEvent(req.index, "", [], [], "error", error=str(e)))
+
+    def _prefill(self, req: GenRequest) -> None:
+        n = len(req.prompt_ids)
+        req.budget = min(req.params.max_new_tokens, self.block_size - n)
+        if req.params.temperature > 0:
+            req.generator = torch.Generator(device="cpu")
+            if req.params.seed is not None:
+                req.generator.manual_seed(req.params.seed)
+            else:
+                req.generator.seed()
+        if req.budget <= 0:
+            self._finish(req, "length")
+            return
+        one = self.model.new_cache(1, n)
+        idx = torch.tensor([req.prompt_ids], device=self.device)
+        logits = self.model(idx, cache=one, last_only=True).logits[:, -1]  # (1, V)
+        slot = self.slots.index(None)
+        active = [r.n_cached for r in self.slots if r is not None]
+        c = self.cache
+        if not active:
+            c.valid.zero_()
+            c.pos = n
+        elif c.pos < n:  # the new prompt is longer than the shared window: shift everyone right
+            self._realign(n)
+        for layer in range(len(c.k)):
+            c.k[layer][slot, :, c.pos - n: c.pos] = one.k[layer][0]
+            c.v[layer][slot, :, c.pos - n: c.pos] = one.v[layer][0]
+        c.valid[slot] = False
+        c.valid[slot, c.pos - n: c.pos] = True
+        req.slot, req.n_cached = slot, n
+        self.slots[slot] = req
+        self._accept(req, logits[0])
+
+    def _realign(self, new_end: int) -> None:
+        """Shift every row so the shared end moves from `pos` to `new_end` (all rows fit: n_i <= new_end)."""
+        c = self.cache
+        m = max((r.n_cached for r in self.slots if r is not None), default=0)
+        if m:
+            for buf in (c.k, c.v):
+                for layer in range(len(buf)):
+                    buf[layer][:, :, new_end - m: new_end] = buf[layer][:, :, c.pos - m: c.pos].clone()
+            window = c.valid[:, c.pos - m: c.pos].clone()
+            c.valid.zero_()
+            c.valid[:, new_end - m: new_end] = window
+        else:
+            c.valid.zero_()
+        c.pos = new_end
+
+    def _step(self) -> None:
+        """One decode step for every active slot."""
+        t0 = time.perf_counter()
+        for r in self.slots:
+            if r is not None and r.cancelled:
+                self._finish(r, "abort")
+        hi = max((i + 1 for i, r in enumerate(self.slots) if r is not None), default=0)
+        if hi == 0:
+            return
+        c = self.cache
+        if c.pos >= c.max_len:  # compaction: drop the stale left part of the buffer
+            self._realign(max(r.n_cached for r in self.slots if r is not None))
+        rows = self.slots[:hi]
+        tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
+        pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
+        mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
+        view = KVCache.__new__(KVCache)  # the first `hi` rows of the slot cache, sharing its storage
+        view.k, view.v = [k[:hi] for k in c.k], [v[:hi] for v in c.v]
+        view.valid, view.pos, view.max_len = c.valid[:hi], c.pos, c.max_len
+        view.memory, view.memory_mask, view.cross_kv = None, None, {}
+        logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
+        c.pos = view.pos
+        logits = logits[:, -1]  # (hi, V)
+        greedy = logits.argmax(-1).tolist()
+        produced = 0
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            r.n_cached += 1
+            self._accept(r, logits[i], greedy[i])
+            produced += 1
+        if self.on_step is not None:
+            self.on_step(produced, time.perf_counter() - t0)
+
+    def _accept(self, req: GenRequest, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample the next token for `req` from its logits (V,), emit its text, finish the request if done."""
+        p = req.params
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            tok = int(logits.argmax()) if greedy is None else greedy
+        else:
+            seen = None
+            if p.repetition_penalty != 1.0:
+                seen = torch.zeros(1, logits.size(-1), dtype=torch.bool)
+                seen[0, req.prompt_ids + req.out_ids] = True
+            tok = int(sample_next(logits[None].cpu(), p, req.generator, seen)[0])
+        req.n_sampled += 1
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        eos = self.tok.eos_id
+        if (eos is not None and tok == eos) or tok in req.stop_ids:
+            self._finish(req, "stop")  # the end-of-turn token itself is not part of the output
+            return
+        lp: list[dict[str, Any]] = []
+        if req.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), -1)
+            top = torch.topk(logp, req.logprobs) if req.logprobs > 0 else None
+            lp.append({"token_id": tok, "logprob": float(logp[tok]),
+                       "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
+        req.out_ids.append(tok)
+        req.next_token = tok
+        text, hit = req.stream.visible(req.out_ids, final=False)
+        reason = "stop" if hit else "length" if len(req.out_ids) >= req.budget else None
+        if reason is not None:
+            self._release(req)
+            text, _ = req.stream.visible(req.out_ids, final=True)
+        delta = text[req.emitted:] if len(text) > req.emitted else ""
+        req.emitted = max(req.emitted, len(text))
+        req.sink(TokenEvent(req.index, delta, [tok], lp, reason, req.n_sampled))
+
+    def _release(self, req: GenRequest) -> None:
+        if 0 <= req.slot < self.max_batch and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+            self.cache.valid[req.slot] = False
+        req.slot = -1
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        """Free the request's slot and send its last event with any held-back text."""
+        self._release(req)
+        text = ""
+        if reason != "abort" and req.stream is not None:
+            full, _ = req.stream.visible(req.out_ids, final=True)
+            text = full[req.emitted:] if len(full) > req.emitted else ""
+            req.emitted = max(req.emitted, len(full))
+        req.sink(TokenEvent(req.index, text, [], [], reason, req.n_sampled))
+
+
+def new_request(engine: Engine, prompt_ids: list[int], params: SamplingParams, sink: Callable[[TokenEvent], None],
+                index: int = 0, logprobs: int | None = None, stop_ids: set[int] | None = None) -> GenRequest:
+    """A `GenRequest` with its text stream set up for the engine's tokenizer and the request's stop strings."""
+    req = GenRequest(list(prompt_ids), params, sink, index, logprobs, set(stop_ids or ()))
+    req.stream = TextStream(engine.tok, params.stop)
+    return req
+
+
+@torch.inference_mode()
+def mean_pool_embeddings(model: nn.Module, tokenizer: Tokenizer, ids: list[list[int]],
+                         batch_size: int = 32) -> list[list[float]]:
+    """Mean of the trunk's hidden states over real tokens, L2-normalised (sentence-transformers' recipe)."""
+    out: list[list[float]] = []
+    device = next(model.parameters()).device
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s: s + batch_size]
+        T = max(len(x) for x in chunk)
+        idx = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, x in enumerate(chunk):  # right padding: positions start at 0 for every row
+            idx[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        idx, mask = idx.to(device), mask.to(device)
+        if model.cfg.arch == "seq2seq":
+            h = model.encode(idx, mask)
+        else:
+            h = model.hidden(idx, attention_mask=mask)  # (B, T, C)
+        m = mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
+        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        out.extend(pooled.cpu().tolist())
+    return [[0.0 if math.isnan(v) else v for v in row] for row in out]
