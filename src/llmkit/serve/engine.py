@@ -110,6 +110,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._waiting: list[GenRequest] = []
         self.error: BaseException | None = None
+        self.stats = {"steps": 0, "prefills": 0, "compactions": 0, "shifts": 0, "aborted": 0}  # for tests and /metrics
 
     # -- public API (any thread) --------------------------------------------------------------------------
     def start(self) -> None:
@@ -229,6 +230,7 @@ class Engine:
         if req.budget <= 0:
             self._finish(req, "length")
             return
+        self.stats["prefills"] += 1
         one = self.model.new_cache(1, n)
         idx = torch.tensor([req.prompt_ids], device=self.device)
         logits = self.model(idx, cache=one, last_only=True).logits[:, -1]  # (1, V)
@@ -252,6 +254,7 @@ class Engine:
     def _realign(self, new_end: int) -> None:
         """Shift every row so the shared end moves from `pos` to `new_end` (all rows fit: n_i <= new_end)."""
         c = self.cache
+        self.stats["compactions" if new_end < c.pos else "shifts"] += 1
         m = max((r.n_cached for r in self.slots if r is not None), default=0)
         if m:
             for buf in (c.k, c.v):
@@ -286,6 +289,7 @@ class Engine:
         view.memory, view.memory_mask, view.cross_kv = None, None, {}
         logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
         c.pos = view.pos
+        self.stats["steps"] += 1
         logits = logits[:, -1]  # (hi, V)
         greedy = logits.argmax(-1).tolist()
         produced = 0
@@ -343,7 +347,9 @@ class Engine:
         """Free the request's slot and send its last event with any held-back text."""
         self._release(req)
         text = ""
-        if reason != "abort" and req.stream is not None:
+        if reason == "abort":
+            self.stats["aborted"] += 1
+        elif req.stream is not None:
             full, _ = req.stream.visible(req.out_ids, final=True)
             text = full[req.emitted:] if len(full) > req.emitted else ""
             req.emitted = max(req.emitted, len(full))
