@@ -11,6 +11,7 @@ import base64
 import hmac
 import json
 import os
+import signal
 import struct
 import threading
 import time
@@ -670,4 +671,12 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print("warning: listening beyond this machine without --api_key; anyone who can reach it can use it",
               flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the previous handler: make that a clean exit
+    def stopped(signum: int, _frame: object) -> None:
+        print(f"llmkit serve: stopped ({signal.Signals(signum).name})", flush=True)
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stopped)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout)
