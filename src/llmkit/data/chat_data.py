@@ -117,7 +117,7 @@ def read_chat_jsonl(path: str | Path) -> list[Messages]:
 
 def load_chat_data(data: str, system: str | None = None) -> list[Messages]:
     """A named set (chatterbot-en, chatterbot-zh, chatterbot) or a JSONL file, as lists of messages."""
-    if data in NAMED_CHAT_DATA:
+    if data in NAMED_CHAT_DATA or (data.startswith("chatterbot") and not Path(data).exists()):
         return chatterbot_examples(data, system)
     examples = read_chat_jsonl(data)
     if system:
