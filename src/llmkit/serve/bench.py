@@ -60,14 +60,11 @@ async def _client(url: str, end: float, max_tokens: int, k: int, ttfts: list[flo
             first = None
             async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
                 r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                async for line in r.aiter_lines():  # parse only what is measured: keep the client light
+                    if first is None and '"content": "' in line and '"content": ""' not in line:
                         first = time.perf_counter() - t0
-                    if chunk.get("usage"):
-                        tokens.append(chunk["usage"]["completion_tokens"])
+                    elif '"usage": {' in line:
+                        tokens.append(json.loads(line[6:])["usage"]["completion_tokens"])
             if first is not None:
                 ttfts.append(first)
 

@@ -283,12 +283,15 @@ class Engine:
         tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
         pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
         mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
-        view = KVCache.__new__(KVCache)  # the first `hi` rows of the slot cache, sharing its storage
-        view.k, view.v = [k[:hi] for k in c.k], [v[:hi] for v in c.v]
-        view.valid, view.pos, view.max_len = c.valid[:hi], c.pos, c.max_len
+        # a view of rows [0, hi) and buffer positions [lo, L): everything left of lo is stale for every row,
+        # so attention only spans the longest active sequence (+1), not the whole buffer
+        lo = c.pos - max(r.n_cached for r in rows if r is not None)
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[:hi, :, lo:] for k in c.k], [v[:hi, :, lo:] for v in c.v]
+        view.valid, view.pos, view.max_len = c.valid[:hi, lo:], c.pos - lo, c.max_len - lo
         view.memory, view.memory_mask, view.cross_kv = None, None, {}
         logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
-        c.pos = view.pos
+        c.pos = view.pos + lo
         self.stats["steps"] += 1
         logits = logits[:, -1]  # (hi, V)
         greedy = logits.argmax(-1).tolist()
