@@ -250,21 +250,22 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], pa
     return results
 
 
-def generate(checkpoint: str, prompt: list[str] | None = None, max_new_tokens: int = 100, temperature: float = 0.8,
+def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_tokens: int = 100, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
-             stop: list[str] | None = None, seed: int | None = None, num_samples: int = 1,
+             stop: str | list[str] | None = None, seed: int | None = None, num_samples: int = 1,
              stream: bool = False, no_cache: bool = False, device: str = "cpu") -> list[str]:
     """Generate text from a checkpoint.
 
     Args:
         checkpoint: checkpoint folder (config.json + model.safetensors + tokenizer.json).
-        prompt: one or more prompts; several are generated together as a left-padded batch.
+        prompt: a prompt, or several (`--prompt+ a --prompt+ b` or a JSON list), generated together as a
+            left-padded batch.
         max_new_tokens: most tokens to add per sample (fewer if the context fills up).
         temperature: 0 = greedy (deterministic argmax); higher = more random.
         top_k: sample only among the k most likely tokens.
         top_p: sample only within the smallest set of tokens whose probability reaches p (nucleus).
         repetition_penalty: > 1 discourages tokens already present (CTRL penalty).
-        stop: stop strings; the output ends before the first one.
+        stop: a stop string or a list of them; the output ends before the first one.
         seed: random seed for reproducible sampling.
         num_samples: samples per prompt.
         stream: print tokens as they are produced (one prompt and one sample at a time).
@@ -274,14 +275,18 @@ def generate(checkpoint: str, prompt: list[str] | None = None, max_new_tokens: i
     Examples:
         llmkit generate runs/demo --prompt "In the beginning" --max_new_tokens 60
         llmkit generate runs/demo --prompt "And God said" --temperature 0 --stop "." --stream true
-        llmkit generate runs/demo --prompt "The LORD" --prompt "Jesus said" --num_samples 2 --seed 1
+        llmkit generate runs/demo --prompt+ "The LORD" --prompt+ "Jesus said" --num_samples 2 --seed 1
     """
     from llmkit.checkpoint import load
 
     model, tok = load(checkpoint, device)
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")
-    prompts = list(prompt or [tok.decode([tok.bos_id]) if tok.bos_id is not None else "\n"])
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(stop, str):
+        stop = [stop]
+    prompts = list(prompt or ["\n"])
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, list(stop or []), seed)
     outputs: list[str] = []
     batch = [p for p in prompts for _ in range(num_samples)]

@@ -183,6 +183,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
     """
     rank, world, device = init_distributed(device)
     out_dir = Path(out)
+    state = load_training_state(out_dir) if resume else None  # fail fast, before any data work
     if model_config:
         try:
             base = ModelConfig.from_dict(json.loads(Path(model_config).read_text(encoding="utf-8")))
@@ -224,9 +225,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
                        warmup_steps=warmup_steps, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
                        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
                        log_every=log_every, stop_at=stop_at, seed=seed, device=device)
-    state = None
     if resume:
-        state = load_training_state(out_dir)
         model, saved_meta = load_model(out_dir, device)
         _check_same(ModelConfig.from_dict(saved_meta["model"]), cfg)
         model.train()
