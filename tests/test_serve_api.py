@@ -279,3 +279,36 @@ def test_metrics(server):
     assert samples['llmkit_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
         samples["llmkit_time_to_first_token_seconds_count"]
     assert "llmkit_queue_depth" in samples and "llmkit_tokens_per_second" in samples
+
+
+def test_embeddings_token_ids_equal_text(client, model_tok):
+    _, tok = model_tok
+    text = "Jesus wept"
+    by_text = client.embeddings.create(model=None, input=text).data[0].embedding
+    by_ids = client.embeddings.create(model=None, input=[tok.encode(text)]).data[0].embedding
+    assert by_ids == pytest.approx(by_text, abs=1e-5)
+
+
+def test_encoder_checkpoint_serves_embeddings_only(bible_sample):
+    """A BERT-style encoder: embeddings work (unit vectors, [CLS]/[SEP] added), generation is a clear 400."""
+    from fastapi.testclient import TestClient
+
+    from llmkit.config import preset
+    from llmkit.model import build_model
+    from llmkit.tokenizer import train_from_iterator
+
+    tok = train_from_iterator(bible_sample[:500], "wordpiece", vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    model = build_model(preset("bert-tiny", vocab_size=tok.vocab_size)).eval()
+    with TestClient(create_app((model, tok), model_name="bert")) as http:
+        r = http.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_cannot_generate"
+        r = http.post("/v1/embeddings", json={"input": ["In the beginning", "God"], "model": "bert"})
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+    ids = tok.encode("In the beginning", add_special_tokens=True)
+    assert tok.decode(ids[:1], skip_special_tokens=False) == "[CLS]"
+    with torch.no_grad():
+        ref = model.hidden(torch.tensor([ids]))[0].mean(0)
+    torch.testing.assert_close(got[0], ref / ref.norm(), atol=1e-5, rtol=1e-5)
+    assert got.shape == (2, model.cfg.d_model)

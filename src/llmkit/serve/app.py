@@ -524,6 +524,7 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
     @app.post("/v1/embeddings", dependencies=[Depends(auth)])
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         srv.check_model(body.model)
+        texts: list[str] | None = None
         if isinstance(body.input, str) or (body.input and isinstance(body.input[0], str)):
             texts = [body.input] if isinstance(body.input, str) else list(body.input)
             ids = [tok.encode(t, add_special_tokens=True) for t in texts]
@@ -540,7 +541,11 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
             raise APIError(400, "at most 2048 inputs per request", param="input")
 
         def compute() -> list[list[float]]:
-            return mean_pool_embeddings(model, tok, ids)
+            if texts is not None:  # the same vectors as `llmkit embed` / `llmkit search`
+                from llmkit.embed import embed_texts
+
+                return embed_texts(model, tok, texts).tolist()
+            return mean_pool_embeddings(model, tok, ids)  # token-id input
 
         if srv.engine is not None:
             vecs = await asyncio.to_thread(srv.engine.call, compute)

@@ -124,7 +124,7 @@ def bench(quick: bool = False, threads: int = 1) -> dict[str, Any]:
                 proc.kill()
     one, eight = levels[0]["tokens_per_s"], levels[-1]["tokens_per_s"]
     speedup = round(eight / one, 2) if one else float("nan")
-    result = {"model": "gpt2-tiny (random weights, 4 layers, d_model 128)", "max_tokens": max_tokens,
+    result = {"name": "serve", "model": "gpt2-tiny (random weights, 4 layers, d_model 128)", "max_tokens": max_tokens,
               "levels": levels, "speedup_8_vs_1": speedup, "target": 4.0, "pass": bool(speedup >= 4.0)}
     for lv in levels:
         print(f"serve  {lv['clients']} client(s): {lv['tokens_per_s']:8.1f} tok/s aggregate  "
