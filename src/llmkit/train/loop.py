@@ -298,7 +298,7 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
             log.write(rec)
             log.plot()
             if bar is not None:
-                bar.write("step {:>6}: ".format(step) + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                bar.write(f"step {step:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if cfg.metric in metrics:
                 if _better(metrics[cfg.metric], best, cfg.metric_mode):
                     best, bad_evals = metrics[cfg.metric], 0
