@@ -237,6 +237,8 @@ class Server:
                     if ev.finish_reason is not None:
                         open_.discard(ev.index)
                         if ev.finish_reason == "error":
+                            if ev.internal:
+                                raise APIError(500, ev.error or "generation failed", "server_error")
                             raise APIError(400, ev.error or "generation failed")
                 yield batch
         finally:

@@ -41,6 +41,26 @@ def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     return save_checkpoint(folder, build_model(cfg), cfg, tok)
 
 
+def _reference_generate(ckpt: Path, seconds: float, max_tokens: int, threads: int) -> float:
+    """Tokens/s of plain in-process `generate_text` (one prompt at a time, no HTTP): the single-stream baseline."""
+    import torch
+
+    from llmkit.checkpoint import load
+    from llmkit.generate import SamplingParams, generate_text
+
+    model, tok = load(ckpt)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or i == 0:
+            out = generate_text(model, tok, [PROMPTS[i % len(PROMPTS)]], SamplingParams(max_tokens, temperature=0))
+            n, i = n + len(out[0].ids), i + 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,6 +105,7 @@ def bench(quick: bool = False, threads: int = 1) -> dict[str, Any]:
     """Aggregate streaming tokens/s with 1, 4 and 8 concurrent clients against `llmkit serve` (tiny model).
 
     Returns {"levels": [{clients, requests, tokens, seconds, tokens_per_s, ttft_p50_ms, ttft_p95_ms}, ...],
+    "reference_generate_tokens_per_s": single-stream in-process `generate_text` in the same run,
     "speedup_8_vs_1": aggregate(8) / aggregate(1), "target": 4.0, "pass": bool}. The server uses `threads`
     torch threads (1 by default: stable numbers on a shared machine, and the batch is what is measured).
     """
@@ -116,6 +137,7 @@ def bench(quick: bool = False, threads: int = 1) -> dict[str, Any]:
                 time.sleep(0.2)
             asyncio.run(_level(url, 2, 1.0, 8))  # warm-up
             levels = [asyncio.run(_level(url, n, seconds, max_tokens)) for n in (1, 4, 8)]
+            reference = round(_reference_generate(ckpt, min(seconds, 5.0), max_tokens, threads), 1)
         finally:
             proc.terminate()
             try:
@@ -125,10 +147,12 @@ def bench(quick: bool = False, threads: int = 1) -> dict[str, Any]:
     one, eight = levels[0]["tokens_per_s"], levels[-1]["tokens_per_s"]
     speedup = round(eight / one, 2) if one else float("nan")
     result = {"name": "serve", "model": "gpt2-tiny (random weights, 4 layers, d_model 128)", "max_tokens": max_tokens,
-              "levels": levels, "speedup_8_vs_1": speedup, "target": 4.0, "pass": bool(speedup >= 4.0)}
+              "levels": levels, "speedup_8_vs_1": speedup, "target": 4.0, "pass": bool(speedup >= 4.0),
+              "reference_generate_tokens_per_s": reference, "server_threads": threads}
     for lv in levels:
         print(f"serve  {lv['clients']} client(s): {lv['tokens_per_s']:8.1f} tok/s aggregate  "
               f"TTFT p50 {lv['ttft_p50_ms']} ms  p95 {lv['ttft_p95_ms']} ms  ({lv['requests']} requests)")
+    print(f"serve  reference: in-process generate_text, one stream, no HTTP: {reference} tok/s")
     print(f"serve  aggregate(8) / aggregate(1) = {speedup} (target >= 4)")
     return result
 

@@ -42,6 +42,7 @@ class TokenEvent:
     finish_reason: str | None = None
     n_generated: int = 0  # tokens sampled so far (for usage)
     error: str | None = None
+    internal: bool = False  # the error is a bug (HTTP 500), not a bad request (400)
 
 
 @dataclass
@@ -176,7 +177,10 @@ class Engine:
                     self._drain(block=self.n_running == 0 and not self._waiting)
                     self._admit()
                     if self.n_running:
-                        self._step()
+                        try:
+                            self._step()
+                        except Exception as e:  # a bug must not take the server down: fail this batch only
+                            self._fail_running(e)
         except BaseException as e:  # never die silently: fail every request and report
             self.error = e
             raise
@@ -216,7 +220,21 @@ class Engine:
             try:
                 self._prefill(req)
             except LlmkitError as e:
+                self._release(req)
                 req.sink(TokenEvent(req.index, "", [], [], "error", error=str(e)))
+            except Exception as e:
+                self._release(req)
+                req.sink(TokenEvent(req.index, "", [], [], "error", error=f"internal error: {type(e).__name__}: {e}",
+                                    internal=True))
+
+    def _fail_running(self, e: Exception) -> None:
+        for r in self.slots:
+            if r is not None:
+                self._release(r)
+                r.sink(TokenEvent(r.index, "", [], [], "error", error=f"internal error: {type(e).__name__}: {e}",
+                                  internal=True))
+        self.cache.valid.zero_()
+        self.cache.pos = 0
 
     def _prefill(self, req: GenRequest) -> None:
         n = len(req.prompt_ids)
@@ -224,7 +242,7 @@ class Engine:
         if req.params.temperature > 0:
             req.generator = torch.Generator(device="cpu")
             if req.params.seed is not None:
-                req.generator.manual_seed(req.params.seed)
+                req.generator.manual_seed(req.params.seed % 2**63)
             else:
                 req.generator.seed()
         if req.budget <= 0:
