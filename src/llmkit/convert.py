@@ -27,7 +27,27 @@ EXTRA = "hf_extra.safetensors"  # HF tensors with no llmkit counterpart (BERT po
 def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: Tokenizer | None,
                    out: str | Path, source: str) -> Path:
     """Write an llmkit checkpoint from an HF config dict + state dict (shared by folder and GGUF import)."""
-    from llmkit.checkpoint import load_weights, save_checkpoint
+    from llmkit.checkpoint import save_checkpoint
+
+    model, leftover = imported_model(hf, sd, source)
+    cfg = model.cfg
+    if leftover:
+        print(f"note: kept {len(leftover)} tensor(s) with no llmkit counterpart ({', '.join(sorted(leftover)[:3])}) "
+              f"in {EXTRA}; `convert to-hf` writes them back", file=sys.stderr)
+    if tokenizer is None:
+        print(f"warning: {source} has no tokenizer.json; the checkpoint cannot encode text until you add one",
+              file=sys.stderr)
+    elif tokenizer.vocab_size > cfg.vocab_size:
+        raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
+                          "they are not from the same model")
+    extra = {EXTRA: {k: v.contiguous() for k, v in leftover.items()}} if leftover else None
+    return save_checkpoint(out, model, cfg, tokenizer, extra_tensors=extra)
+
+
+def imported_model(hf: dict[str, Any], sd: dict[str, torch.Tensor], source: str
+                   ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """(llmkit model holding the HF weights, leftover HF tensors) from an HF config dict + state dict."""
+    from llmkit.checkpoint import load_weights
     from llmkit.model import build_model
 
     cfg, family, arch, head = hfmap.config_from_hf(hf)
@@ -42,17 +62,7 @@ def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: T
         print(f"note: {arch} has no MLM head; llmkit's is freshly initialised (fine for embeddings and "
               "fine-tuning, not for fill-mask)", file=sys.stderr)
     load_weights(model, tensors, source)
-    if leftover:
-        print(f"note: kept {len(leftover)} tensor(s) with no llmkit counterpart ({', '.join(sorted(leftover)[:3])}) "
-              f"in {EXTRA}; `convert to-hf` writes them back", file=sys.stderr)
-    if tokenizer is None:
-        print(f"warning: {source} has no tokenizer.json; the checkpoint cannot encode text until you add one",
-              file=sys.stderr)
-    elif tokenizer.vocab_size > cfg.vocab_size:
-        raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
-                          "they are not from the same model")
-    extra = {EXTRA: {k: v.contiguous() for k, v in leftover.items()}} if leftover else None
-    return save_checkpoint(out, model, cfg, tokenizer, extra_tensors=extra)
+    return model.eval(), leftover
 
 
 def from_hf(src: str, out: str) -> Path:
@@ -88,9 +98,7 @@ def from_hf(src: str, out: str) -> Path:
         sd = hfmap.read_hf_weights(path)
         tok = tokenizer_from_folder(path)
     folder = import_weights(hf, sd, tok, out, str(path))
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model"]
-    n = sum(t.numel() for t in sd.values() if t.is_floating_point())
-    print(f"imported {cfg['extra']['source']['architecture']} ({n / 1e6:.1f}M tensors' values) -> {folder}")
+    print(f"imported {hfmap.family_of(hf)[1]} -> {folder}")
     return folder
 
 

@@ -30,7 +30,7 @@ def check_gguf(path: Path) -> str:
     if arch not in SUPPORTED_ARCHS:
         raise LlmkitError(f"GGUF architecture {arch!r} is not supported; llmkit imports {', '.join(SUPPORTED_ARCHS)}")
     first_of_type: dict[Any, Any] = {}
-    for t in reader.tensors:
+    for t in sorted(reader.tensors, key=lambda t: int(t.n_elements)):  # the smallest tensor of each type
         first_of_type.setdefault(t.tensor_type, t)
     for qtype, t in first_of_type.items():
         try:  # one tensor per type is enough to know whether gguf can dequantise it
