@@ -122,14 +122,15 @@ class Guard:
 class Server:
     """Everything one served model needs: model, tokenizer, engine, limits, metrics."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_name: str, max_batch: int, limits: Limits):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_name: str, max_batch: int, limits: Limits,
+                 max_context: int | None = None):
         self.model, self.tok, self.name, self.limits = model, tokenizer, model_name, limits
-        self.block_size = model.cfg.block_size
+        self.block_size = min(model.cfg.block_size, max_context or model.cfg.block_size)
         self.metrics = Metrics()
         self.created = int(time.time())
         self.engine: Engine | None = None
         if model.cfg.arch == "decoder":
-            self.engine = Engine(model, tokenizer, max_batch, on_step=self.metrics.on_step)
+            self.engine = Engine(model, tokenizer, max_batch, on_step=self.metrics.on_step, max_context=max_context)
         self.in_flight = 0  # sequences submitted and not finished (event-loop thread only)
         self.embed_lock = threading.Lock()
         # engine thread -> event loop: events of one decode step are handed over with one wake-up
@@ -279,7 +280,7 @@ def _stop_ids(tok: Tokenizer, stops: list[str]) -> set[int]:
 
 def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key: str | None = None,
                max_batch: int = 8, limits: Limits | None = None, model_name: str | None = None,
-               device: str = "cpu") -> FastAPI:
+               device: str = "cpu", max_context: int | None = 2048) -> FastAPI:
     """Build the FastAPI app serving one checkpoint folder (or an in-memory (model, tokenizer) pair)."""
     if isinstance(checkpoint, tuple):
         model, tok = checkpoint
@@ -293,7 +294,9 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
         name = model_name or Path(checkpoint).resolve().name
     if getattr(model.cfg, "arch", "") == "lstm":
         raise LlmkitError("the server runs Transformer checkpoints; the LSTM baseline has no KV cache to batch")
-    srv = Server(model, tok, name, max_batch, limits or Limits())
+    if max_context is not None and max_context < 2:
+        raise LlmkitError(f"max_context must be at least 2 tokens, got {max_context}")
+    srv = Server(model, tok, name, max_batch, limits or Limits(), max_context)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -633,7 +636,8 @@ class BackgroundServer:
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_concurrent: int = 64, max_tokens: int | None = None,
-          max_prompt_tokens: int | None = None, max_body_bytes: int = 1_000_000, model_name: str | None = None,
+          max_prompt_tokens: int | None = None, max_body_bytes: int = 1_000_000, max_context: int | None = 2048,
+          model_name: str | None = None,
           device: str = "cpu", threads: int | None = None, graceful_timeout: float = 30.0) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat playground at `/`.
 
@@ -651,6 +655,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         max_tokens: most tokens one request may ask for (default: the model's context).
         max_prompt_tokens: longest prompt accepted (default: the model's context - 1).
         max_body_bytes: largest request body; larger bodies are answered 413.
+        max_context: serve at most this many tokens of context per sequence (prompt + output), to bound the
+            KV cache (max_batch x 1.5 x max_context positions); null = the model's full block_size.
         model_name: model id shown by /v1/models and expected in requests (default: the folder name).
         device: cpu or cuda.
         threads: CPU threads for torch (default: torch's choice; 1 is often best on a busy machine).
@@ -670,7 +676,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_concurrent=max_concurrent)
     app = create_app(checkpoint, api_key=api_key, max_batch=max_batch, limits=limits, model_name=model_name,
-                     device=device)
+                     device=device, max_context=max_context)
     name = app.state.server.name
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"serving {name!r} on http://{shown}:{port}  (playground: http://{shown}:{port}/ , "

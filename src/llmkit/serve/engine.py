@@ -1,7 +1,7 @@
 """Continuous-batching inference engine: requests join and leave one running decode batch at token boundaries.
 
 One background thread owns the model. It keeps a slot cache of `max_batch` rows (`KVCache` of
-(max_batch, nkv, L, hd), L = 2 * block_size) whose rows all end at the shared write position `pos`:
+(max_batch, nkv, L, hd), L = 1.5 x the served context) whose rows all end at the shared write position `pos`:
 
     row i holds its n_i cached tokens at buffer positions [pos - n_i, pos); earlier positions are invalid.
 
@@ -94,16 +94,18 @@ class Engine:
     """Runs decoder generation for many concurrent requests in one batched decode loop (see module doc)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8,
-                 on_step: Callable[[int, float], None] | None = None):
+                 on_step: Callable[[int, float], None] | None = None, max_context: int | None = None):
         cfg = model.cfg
         if cfg.arch != "decoder":
             raise LlmkitError(f"the server generates with decoder models; this checkpoint is arch={cfg.arch!r}")
         if max_batch < 1:
             raise LlmkitError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tok, self.max_batch = model.eval(), tokenizer, max_batch
-        self.block_size = cfg.block_size
+        # the served context: the model's, or less to bound the slot cache (8192-token models need GBs)
+        self.block_size = min(cfg.block_size, max_context or cfg.block_size)
         self.device = next(model.parameters()).device
-        self.cache: KVCache = model.new_cache(max_batch, 2 * cfg.block_size)
+        slack = max(16, self.block_size // 2)  # positions the shared window can advance between compactions
+        self.cache: KVCache = model.new_cache(max_batch, self.block_size + slack)
         self.slots: list[GenRequest | None] = [None] * max_batch
         self.pending: queue.SimpleQueue[GenRequest | Callable[[], None]] = queue.SimpleQueue()
         self.on_step = on_step  # metrics hook: (tokens produced this step, seconds)
