@@ -96,19 +96,24 @@ def test_stop_strings(client, model_tok):
 
 
 def test_logprobs_match_a_full_forward(client, model_tok):
-    """Reported log-probabilities equal log_softmax of a plain (no cache, no batch) forward over the text."""
+    """Greedy tokens and their log-probabilities equal a plain loop of full forwards (no cache, no batch)."""
     model, tok = model_tok
     r = client.completions.create(model=None, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
-    assert len(lp.token_logprobs) == 6 and all(len(t) == 3 for t in lp.top_logprobs)
     ids = tok.encode(PROMPT)
-    gen = tok.encode(r.choices[0].text)
+    tokens, logps, tops = [], [], []
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0].float(), -1)
-    expected = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(gen)]
-    if len(gen) == 6:  # the text re-tokenizes to the same ids (almost always for this tokenizer)
-        assert lp.token_logprobs == pytest.approx(expected, abs=1e-4)
-    assert lp.token_logprobs[0] == pytest.approx(float(logp[len(ids) - 1].max()), abs=1e-4)  # greedy = top-1
+        for _ in range(6):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            t = int(logp.argmax())
+            tokens.append(tok.decode([t], skip_special_tokens=False))
+            logps.append(float(logp[t]))
+            tops.append(sorted(logp.topk(3).values.tolist(), reverse=True))
+            ids.append(t)
+    assert lp.tokens == tokens
+    assert lp.token_logprobs == pytest.approx(logps, abs=1e-4)
+    assert [sorted(d.values(), reverse=True) for d in lp.top_logprobs] == [pytest.approx(x, abs=1e-4) for x in tops]
+    assert lp.text_offset == [sum(len(x) for x in tokens[:i]) for i in range(6)]
 
 
 def test_chat_and_streaming_chat_agree(client, server):
@@ -258,6 +263,15 @@ def test_load_and_disconnect_free_slots(server):
         with http.stream("POST", server.url + "/v1/completions", json=body,
                          headers={"Authorization": f"Bearer {KEY}"}) as r:
             next(r.iter_lines())
+    deadline = time.monotonic() + 20
+    while engine.stats["aborted"] == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats["aborted"] > aborted_before
+    # a non-streaming client that gives up (read timeout) is cancelled too
+    aborted_before = engine.stats["aborted"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": "In", "max_tokens": 120, "temperature": 0},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(60, read=0.05))
     deadline = time.monotonic() + 20
     while engine.stats["aborted"] == aborted_before and time.monotonic() < deadline:
         time.sleep(0.02)

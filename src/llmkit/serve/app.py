@@ -382,7 +382,7 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
     # -- completions --------------------------------------------------------------------------------------
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(body: CompletionRequest):  # noqa: ANN201 (JSON or a stream)
+    async def completions(body: CompletionRequest, request: Request):  # noqa: ANN201 (JSON or a stream)
         srv.check_model(body.model)
         base = srv.prompt_ids(body.prompt)
         budget = srv.check_lengths(base, body.max_tokens)
@@ -442,10 +442,7 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
             return StreamingResponse(gen(), media_type="text/event-stream")
 
-        per: dict[int, list[TokenEvent]] = {i: [] for i in range(len(prompts))}
-        async for batch in events:
-            for ev in batch:
-                per[ev.index].append(ev)
+        per = await _collect(events, request, len(prompts))
         choices = []
         for i, evs in per.items():
             choices.append({"index": i, "text": echo[i] + "".join(e.text for e in evs),
@@ -456,7 +453,7 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
     # -- chat completions ---------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN201 (JSON or a stream)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):  # noqa: ANN201 (JSON or a stream)
         srv.check_model(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
@@ -514,10 +511,7 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
             return StreamingResponse(gen(), media_type="text/event-stream")
 
-        per: dict[int, list[TokenEvent]] = {i: [] for i in range(body.n)}
-        async for batch in events:
-            for ev in batch:
-                per[ev.index].append(ev)
+        per = await _collect(events, request, body.n)
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
                     "logprobs": {"content": lp_items(evs)} if body.logprobs else None,
                     "finish_reason": evs[-1].finish_reason} for i, evs in per.items()]
@@ -574,6 +568,33 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
     app.add_middleware(Guard, limits=srv.limits, metrics=srv.metrics)
     return app
+
+
+async def _collect(events: AsyncIterator[list[TokenEvent]], request: Request, n: int) -> dict[int, list[TokenEvent]]:
+    """All events of a non-streaming request, per choice; a client that disconnects cancels its sequences."""
+    per: dict[int, list[TokenEvent]] = {i: [] for i in range(n)}
+
+    async def consume() -> None:
+        async for batch in events:
+            for ev in batch:
+                per[ev.index].append(ev)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            work.result()  # re-raise an APIError from the engine
+            return per
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    finally:
+        watch.cancel()
+        if not work.done():  # cancelling the consumer closes `events`, whose finally frees the engine slots
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
 
 
 async def _first_or_error(events: AsyncIterator[list[TokenEvent]]) -> list[TokenEvent] | None:
