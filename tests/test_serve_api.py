@@ -26,7 +26,8 @@ PROMPT = "In the beginning God created"
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
     app = create_app(str(tiny_ckpt), api_key=KEY, max_batch=4,
-                     limits=Limits(max_body_bytes=20_000, max_tokens=100, max_concurrent=12))
+                     limits=Limits(max_body_bytes=20_000, max_tokens=100, max_concurrent=12,
+                                 max_prompt_tokens=90))
     with BackgroundServer(app) as s:
         s.app = app
         yield s
@@ -195,6 +196,14 @@ def test_prompt_over_context_is_context_length_exceeded(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=None, prompt="word " * 200, max_tokens=5)
     assert e.value.code == "context_length_exceeded"
+
+
+def test_prompt_token_limit(server):
+    ok = post(server, "/v1/completions", {"prompt": [65] * 90, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 90
+    r = post(server, "/v1/completions", {"prompt": [65] * 91, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "90" in r.json()["error"]["message"]
 
 
 def test_too_many_concurrent_sequences_is_429(server):
