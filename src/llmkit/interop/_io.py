@@ -20,8 +20,14 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         raise LlmkitError(f"{out} is a file; give a folder path for the output")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should read like any folder the user makes
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # safetensors writes 0600 files
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         old = out.with_name(f".{out.name}.old")
         if old.exists():
             shutil.rmtree(old)
