@@ -257,3 +257,17 @@ def test_chat_history_drops_oldest_turns(bpe_tokenizer):
     assert kept == [msgs[0], msgs[-1]]  # the system prompt and the new message always stay
     with pytest.raises(LlmkitError, match="shorter message"):
         fit_history(bpe_tokenizer, msgs, n_min - 1)
+
+
+def test_sft_lora_resume_is_exact(small_ckpt, qa_file, tmp_path):
+    """3 steps + resume for 3 more == 6 uninterrupted steps: the same adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    common = [str(small_ckpt), "--data", str(qa_file), "--max_steps", "6", "--lr", "1e-2", "--batch_size", "4",
+              "--eval_every", "0", "--val_fraction", "0", "--warmup_steps", "2", "--lora_r", "4"]
+    assert main(["finetune", "sft", *common, "--out", str(tmp_path / "a")]) == 0
+    assert main(["finetune", "sft", *common, "--out", str(tmp_path / "b"), "--stop_at", "3"]) == 0
+    assert main(["finetune", "sft", *common, "--out", str(tmp_path / "b"), "--resume", "true"]) == 0
+    a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))  # trained, not the zero init

@@ -185,7 +185,7 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         max_steps: int = 200, batch_size: int = 8, grad_accum: int = 1, lr: float | None = None,
         min_lr: float | None = None, warmup_steps: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
         eval_every: int = 50, eval_batches: int = 10, save_every: int = 0, log_every: int = 10,
-        seed: int = 1337, device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
+        stop_at: int = 0, seed: int = 1337, device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
     """Instruction-tune a decoder checkpoint on chat data; only response tokens carry loss.
 
     Args:
@@ -217,6 +217,7 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         eval_batches: validation batches per evaluation.
         save_every: save every N steps (0 = only at the end).
         log_every: log the training loss every N steps.
+        stop_at: stop at this step with a resumable save (continue later with --resume true).
         seed: seeds the split, the data order, dropout and LoRA initialisation.
         device: cpu or cuda.
         resume: continue from OUT's training_state.pt.
@@ -275,15 +276,16 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
     tcfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                        lr=lr or (2e-4 if lora_r else 3e-5), min_lr=min_lr, warmup_steps=warmup_steps,
                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-                       eval_batches=eval_batches, save_every=save_every, log_every=log_every, seed=seed,
-                       device=device)
+                       eval_batches=eval_batches, save_every=save_every, log_every=log_every, stop_at=stop_at,
+                       seed=seed, device=device)
     task = SFTTask(train, val, batch_size, grad_accum, seed, tok.pad_id, device, eval_batches)
     state = None
-    if resume:
-        state = (torch.load(out_dir / "training_state.pt", map_location="cpu", weights_only=True)
-                 if lora_r and (out_dir / "training_state.pt").exists() else None)
-        if state is None:
-            state = load_training_state(out_dir)
+    if resume and lora_r:
+        if not (out_dir / "training_state.pt").exists():
+            raise LlmkitError(f"{out_dir} has no training_state.pt to resume from; start a new run instead")
+        state = torch.load(out_dir / "training_state.pt", map_location="cpu", weights_only=True)
+    elif resume:
+        state = load_training_state(out_dir)
     model.eval()
     before = task.evaluate(model) if val else {}
     if before:
