@@ -279,7 +279,7 @@ def test_load_and_disconnect_free_slots(server):
     # a non-streaming client that gives up (read timeout) is cancelled too
     aborted_before = engine.stats["aborted"]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json={"prompt": "In", "max_tokens": 120, "temperature": 0},
+        httpx.post(server.url + "/v1/completions", json={"prompt": "In", "max_tokens": 100, "temperature": 0},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(60, read=0.05))
     deadline = time.monotonic() + 20
     while engine.stats["aborted"] == aborted_before and time.monotonic() < deadline:
