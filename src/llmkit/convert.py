@@ -132,6 +132,8 @@ def to_hf(checkpoint: str, out: str) -> Path:
     if (folder / EXTRA).exists():
         for k, v in load_tensors(folder / EXTRA).items():
             tensors.setdefault(k, v)
+    if not head:  # a bare BertModel's own files name its tensors without the "bert." prefix
+        tensors = {k.removeprefix(hfmap.BASE_PREFIX[family]): v for k, v in tensors.items()}
     tok = Tokenizer.load(folder) if (folder / "tokenizer.json").exists() else None
     ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id,
                                   "pad_id": tok.pad_id if tok.special_id("pad") is not None else None}
