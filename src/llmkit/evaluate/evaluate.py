@@ -24,7 +24,7 @@ def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"
         split: which held-out split to score when `data` is not given: test or val.
         text_field: text column of `data` (default: the one used in fine-tuning, else "text").
         label_field: label column of `data` (default: the one used in fine-tuning, else "label").
-        stride: perplexity sliding-window step in tokens (0 = block_size, i.e. non-overlapping windows).
+        stride: perplexity sliding-window step in tokens (0 = block_size - 1: windows overlap by one token).
         max_tokens: score only the first N tokens of the text (0 = all).
         out: results JSON path (default CKPT/eval_results.json).
         device: cpu or cuda.
@@ -121,7 +121,7 @@ def _evaluate_lm(ckpt: str, meta: dict[str, Any], data: str | None, stride: int,
     if len(ids) < 2:
         raise LlmkitError(f"{data} has fewer than 2 tokens; perplexity needs some text")
     block = model.cfg.block_size
-    res = {"checkpoint": str(ckpt), "data": data, "block_size": block, "stride": stride or block,
+    res = {"checkpoint": str(ckpt), "data": data, "block_size": block, "stride": min(stride or block, block - 1),
            **perplexity_of_ids(model, ids, block, stride or block, device)}
     path = Path(out) if out else Path(ckpt) / "eval_results.json"
     write_results(path, res)

@@ -1,8 +1,9 @@
 """Perplexity of a causal LM on a text: exp(mean negative log-likelihood per predicted token).
 
 Texts longer than the context are scored with a sliding window (as in the Hugging Face perplexity guide):
-each window of block_size tokens advances by `stride` and only its new tokens are scored, so every
-token after the first is predicted exactly once with up to block_size - stride tokens of context.
+each window of block_size tokens advances by `stride` (at most block_size - 1, so consecutive windows
+overlap by at least the one token that gives the next window's first target its context) and only its new
+tokens are scored: every token after the first is predicted exactly once.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from torch import nn
 def perplexity_of_ids(model: nn.Module, ids: list[int], block_size: int, stride: int | None = None,
                       device: str = "cpu") -> dict[str, Any]:
     """{"perplexity", "nll" (nats/token), "bits_per_token", "n_tokens"} for one token sequence."""
-    stride = stride or block_size
-    stride = max(1, min(stride, block_size))
+    stride = max(1, min(stride or block_size, block_size - 1))
     model.eval()
     nll_sum, count, prev_end = 0.0, 0, 0
     for begin in range(0, max(len(ids) - 1, 1), stride):

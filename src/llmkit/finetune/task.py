@@ -7,6 +7,7 @@ a pure function of (step, micro, seed), so resuming needs no data state.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -107,16 +108,26 @@ class FinetuneTask:
         self.heads, self.pad_id, self.batch_size, self.grad_accum = heads, pad_id, batch_size, grad_accum
         self.seed, self.eval_batch_size, self.device = seed, eval_batch_size, device
         self.multi = len(heads) > 1
-        self._perm: dict[tuple[str, int], list[int]] = {}
+        self._perm: dict[tuple[str, int], list[list[int]]] = {}
+        self.steps_run = 0  # optimizer steps drawn so far (early stopping may end before max_steps)
+        self.eval_seconds = 0.0  # time spent in evaluate(), to report training throughput without it
 
     # -- training batches -------------------------------------------------------------------------------
-    def _order(self, head: HeadData, epoch: int) -> list[int]:
+    def _epoch_batches(self, head: HeadData, epoch: int) -> list[list[int]]:
+        """One epoch's batches: a seeded shuffle, cut into pools of 50 batches, each pool sorted by length
+        (batches of similar length waste little on padding), then the batch order shuffled again."""
         key = (head.name, epoch)
         if key not in self._perm:
-            if len(self._perm) > 8:  # keep only recent epochs' permutations
+            if len(self._perm) > 8:  # keep only recent epochs
                 self._perm.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm[key] = torch.randperm(len(head.train), generator=g).tolist()
+            order = torch.randperm(len(head.train), generator=g).tolist()
+            B, pool = self.batch_size, self.batch_size * 50
+            batches: list[list[int]] = []
+            for s in range(0, len(order), pool):
+                chunk = sorted(order[s:s + pool], key=lambda i: len(head.train.ids[i]))
+                batches += [chunk[b:b + B] for b in range(0, len(chunk), B)]
+            self._perm[key] = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return self._perm[key]
 
     def _collate(self, head: HeadData, enc: Encoded, idx: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -127,14 +138,13 @@ class FinetuneTask:
         return pad_batch([enc.ids[i] for i in idx], self.pad_id, [enc.labels[i] for i in idx])
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """Examples [k·B, (k+1)·B) of an endless sequence of seeded epoch permutations, k = step·accum + micro."""
+        """Batch k = step·accum + micro of an endless run of seeded epochs (per head); keys "{head}.{field}"."""
         out: dict[str, torch.Tensor] = {}
         k = step * self.grad_accum + micro
+        self.steps_run = max(self.steps_run, step + 1)
         for head in self.heads:
-            n = len(head.train)
-            idx = []
-            for j in range(k * self.batch_size, (k + 1) * self.batch_size):
-                idx.append(self._order(head, j // n)[j % n])
+            n_batches = math.ceil(len(head.train) / self.batch_size)
+            idx = self._epoch_batches(head, k // n_batches)[k % n_batches]
             for key, t in self._collate(head, head.train, idx).items():
                 out[f"{head.name}.{key}"] = t
         return out
@@ -166,6 +176,7 @@ class FinetuneTask:
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
         """Loss and metrics of every head on `split`: {"val_loss", "accuracy"/"f1", ...}; prefixed per head
         ("sentiment/accuracy") when there are several, with val_loss = Σ wᵢ·lossᵢ."""
+        t0 = time.perf_counter()
         out: dict[str, float] = {}
         total, seen = 0.0, False
         for head in self.heads:
@@ -182,6 +193,7 @@ class FinetuneTask:
                 out[f"{head.name}/loss"] = res["loss"]
         if seen:
             out["val_loss"] = total
+        self.eval_seconds += time.perf_counter() - t0
         return out
 
     @torch.no_grad()
