@@ -1,16 +1,13 @@
 """Checkpoint folders: model.safetensors + config.json + tokenizer.json (+ training_state.pt to resume).
 
-A save writes a sibling temp folder and swaps it in with renames, so a crash mid-save leaves either the
-old checkpoint or the new one, never a mix. Files in the folder that are not part of the checkpoint
+A save goes through `fsutil.atomic_folder`, so a crash mid-save leaves either the old checkpoint or the
+new one, never a mix. Files in the folder that are not part of the checkpoint
 (metrics.jsonl, loss.png, ...) are carried over.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from torch import nn
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.fsutil import atomic_folder, resolve_folder
 from llmkit.tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "training_state.pt"
@@ -48,9 +46,7 @@ def save_checkpoint(folder: str | Path, model: nn.Module, cfg: ModelConfig, toke
     extra_tensors: more safetensors files to write, e.g. {"adapter.safetensors": {...}}.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, carry_over=True, skip=(STATE,)) as tmp:
         tensors = _unique_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "llmkit": str(FORMAT_VERSION)})
         for name, tensors_ in (extra_tensors or {}).items():
@@ -61,33 +57,12 @@ def save_checkpoint(folder: str | Path, model: nn.Module, cfg: ModelConfig, toke
             tokenizer.save(tmp)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
-        if folder.exists():  # carry over files that belong to the run, not to the checkpoint
-            written = {p.name for p in tmp.iterdir()}
-            for p in folder.iterdir():
-                if p.name not in written and p.name != STATE and p.is_file():
-                    shutil.copy2(p, tmp / p.name)
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = folder.with_name(f".{folder.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if folder.exists():
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
 def _resolve(folder: str | Path) -> Path:
-    folder = Path(folder)
+    folder = resolve_folder(folder)  # a save interrupted between its two renames: the previous one survives
     if not folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        if old.exists():  # a save was interrupted between its two renames: the previous checkpoint survives
-            return old
         raise LlmkitError(f"checkpoint folder {folder} does not exist")
     if not folder.is_dir():
         raise LlmkitError(f"{folder} is a file, not a checkpoint folder (expected config.json + model.safetensors)")

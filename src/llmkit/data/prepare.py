@@ -7,8 +7,6 @@ each part is tokenized, and ids are stored as uint16 when the vocabulary fits, e
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from tqdm.auto import tqdm
 
 from llmkit.data.corpus import read_corpus
 from llmkit.errors import LlmkitError
+from llmkit.fsutil import atomic_folder
 from llmkit.tokenizer import Tokenizer
 
 META = "meta.json"
@@ -61,11 +60,8 @@ def prepare(*, data: str, tokenizer: str, out: str, val_fraction: float = 0.1) -
     cut = int(n * (1 - val_fraction))
     dtype = np.dtype(np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
     out_dir = Path(out)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        counts = {}
+    counts = {}
+    with atomic_folder(out_dir) as tmp:
         for split, part in (("train", text[:cut]), ("val", text[cut:])):
             ids = _encode(tok, part, f"tokenize {split}")
             if len(ids) < 2:
@@ -77,12 +73,6 @@ def prepare(*, data: str, tokenizer: str, out: str, val_fraction: float = 0.1) -
                 "n_val": counts["val"], "source": data, "val_fraction": val_fraction, "n_chars": n}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         tok.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"prepared {data}: {counts['train']:,} train + {counts['val']:,} val tokens ({dtype.name}) -> {out_dir}")
     return meta
 
