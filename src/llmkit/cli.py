@@ -30,6 +30,16 @@ COMMANDS: dict[str, Any] = {
     "generate": ("llmkit.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
     "serve": ("llmkit.serve.app:serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
     "bench": ("llmkit.bench:bench", "measure training and decoding speed against reference implementations"),
+    "train": {
+        "seq2seq": ("llmkit.seq2seq:train_seq2seq", "train an encoder-decoder translator on parallel text; BLEU/chrF"),
+    },
+    "app": {
+        "summarize": ("llmkit.apps.summarize:summarize", "summarize texts with a decoder; ROUGE-1/2/L given references"),
+        "translate": ("llmkit.apps.translate:translate", "translate with a seq2seq or decoder checkpoint; BLEU/chrF"),
+        "qa": ("llmkit.apps.qa:qa", "answer questions about a context; SQuAD exact match and token F1"),
+        "extract": ("llmkit.apps.extract:extract", "extract JSON fields from text (validated, retried); per-field F1"),
+        "chat": ("llmkit.apps.chat:chat", "one chat turn (or a scripted conversation) with a decoder's template"),
+    },
     "finetune": {
         "classify": ("llmkit.finetune.classify:classify", "fine-tune a text classifier ([CLS]/mean/last-token head)"),
         "ner": ("llmkit.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),

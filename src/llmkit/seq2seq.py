@@ -132,6 +132,20 @@ class Seq2SeqTask:
         return int(batch["src_mask"].sum()) + int((batch["tgt_out"] != -100).sum())
 
 
+def init_seq2seq_weights(model: nn.Module) -> None:
+    """Initialise as the original Transformer implementations do: Xavier-uniform matrices and embeddings with
+    std d_model^-0.5 (unit scale after the sqrt(d_model) embedding multiplier).
+
+    GPT-style N(0, 0.02) leaves token embeddings 5-10x smaller than the sinusoidal positions and the
+    cross-attention near-uniform, so a small post-norm model ignores its source for hundreds of steps.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.normal_(model.tok_emb.weight, std=model.cfg.d_model ** -0.5)
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 
@@ -379,11 +393,15 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
     import json
 
     from llmkit.checkpoint import load_training_state, save_checkpoint
+    from llmkit.config import PRESETS
     from llmkit.config import preset as make_preset
     from llmkit.model import build_model
     from llmkit.tokenizer import train_from_iterator
     from llmkit.train.loop import TrainConfig, fit
 
+    if PRESETS.get(preset, {}).get("arch", "seq2seq") != "seq2seq":
+        raise LlmkitError(f"preset {preset!r} is arch {PRESETS[preset]['arch']!r}; seq2seq training needs an "
+                          "encoder-decoder preset such as transformer-tiny")
     if threads:
         torch.set_num_threads(threads)
     pairs = read_pairs(data, tgt_file)
@@ -400,11 +418,9 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
     cfg = make_preset(preset, vocab_size=tok.vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head,
                       d_ff=d_ff, n_decoder_layer=n_decoder_layer, block_size=max_len, dropout=dropout,
                       pad_token_id=tok.pad_id)
-    if cfg.arch != "seq2seq":
-        raise LlmkitError(f"preset {preset!r} is arch {cfg.arch!r}; seq2seq training needs an encoder-decoder "
-                          "preset such as transformer-tiny")
     torch.manual_seed(seed)
     model = build_model(cfg)
+    init_seq2seq_weights(model)
     if resume:
         from llmkit.checkpoint import load_model
 

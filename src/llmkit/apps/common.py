@@ -1,0 +1,153 @@
+"""What every `llmkit app` recipe shares: load a checkpoint, read examples, prompt a decoder, write results.
+
+Instruction-tuned checkpoints (a tokenizer with a chat template, e.g. SmolLM2-135M-Instruct imported with
+`llmkit convert from-hf`) are prompted through their template; base models get the plain prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.tokenizer import Tokenizer
+
+ChatMode = Literal["auto", "yes", "no"]
+
+
+def load_checkpoint(checkpoint: str, decoder_only: bool = True) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) of a checkpoint folder, failing clearly when it cannot run a text recipe."""
+    from llmkit.checkpoint import load
+
+    model, tok = load(checkpoint)
+    if tok is None:
+        raise LlmkitError(f"{checkpoint} has no tokenizer.json; a recipe needs one to read and write text")
+    if decoder_only and model.cfg.arch not in ("decoder", "lstm"):
+        raise LlmkitError(f"{checkpoint} is a {model.cfg.arch} model; this recipe needs a decoder (GPT/Llama) "
+                          "checkpoint, e.g. one imported with `llmkit convert from-hf`")
+    return model, tok
+
+
+def read_jsonl(path: str, required: tuple[str, ...], limit: int | None = None) -> list[dict[str, Any]]:
+    """Examples from a named set (`trivia`, `wnut-extract`) or a JSONL file with the `required` string fields."""
+    from llmkit.apps.examples import NAMED_EXAMPLES, named_examples
+
+    if path in NAMED_EXAMPLES:
+        return named_examples(path)[:limit] if limit else named_examples(path)
+    p = Path(path)
+    if not p.is_file():
+        raise LlmkitError(f"no such data file {path}; give a .jsonl file with fields {', '.join(required)} "
+                          f"or a named set ({', '.join(NAMED_EXAMPLES)})")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg}); one object per line") from e
+        missing = [f for f in required if not isinstance(d, dict) or not isinstance(d.get(f), str)]
+        if missing:
+            raise LlmkitError(f"{path}:{n} lacks string field(s) {missing}; each line needs {', '.join(required)}")
+        rows.append(d)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise LlmkitError(f"{path} holds no examples")
+    return rows
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    """A repeatable CLI value: `--text "a"` gives a string, `--text+ a --text+ b` or a JSON list gives a list."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def use_chat(tok: Tokenizer, mode: ChatMode) -> bool:
+    return mode == "yes" or (mode == "auto" and tok.chat_template is not None)
+
+
+def build_prompt(tok: Tokenizer, instruction: str, chat: bool, system: str | None = None,
+                 answer_prefix: str = "") -> str:
+    """The instruction as a chat turn (template + generation prompt) or as plain text ending in a cue."""
+    if chat:
+        from llmkit.chat import render_chat
+
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+        return render_chat(tok, msgs) + answer_prefix
+    return instruction.rstrip() + "\n" + answer_prefix
+
+
+def complete(model: nn.Module, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
+             stop: list[str] | None = None, batch_size: int = 8, temperature: float = 0.0,
+             seed: int | None = 0) -> list[str]:
+    """Continue each prompt (greedy by default), batched; prompts that overflow the context keep their end."""
+    from llmkit.generate import SamplingParams, generate_text
+
+    stops = list(stop or [])
+    if tok.chat_template is not None:
+        from llmkit.chat import chat_stop_strings
+
+        stops += chat_stop_strings(tok)
+    block = model.cfg.block_size
+    outs: list[str] = []
+    for j in range(0, len(prompts), batch_size):
+        batch = []
+        for p in prompts[j:j + batch_size]:
+            ids = tok.encode(p)
+            room = block - min(max_new_tokens, block // 2)
+            batch.append(tok.decode(ids[-room:], skip_special_tokens=False) if len(ids) > room else p)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                stop=list(dict.fromkeys(stops)), seed=seed)
+        outs += [c.text.strip() for c in generate_text(model, tok, batch, params)]
+    return outs
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    """Write rows atomically (temp file + rename): a crash never leaves half a results file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, p)
+
+
+def report(name: str, scores: dict[str, Any]) -> None:
+    shown = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    print(f"{name}: {shown}")
+
+
+# ----------------------------------------------------------------------------------------------- SQuAD-style text match
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, drop punctuation and articles (a/an/the), squeeze whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def token_f1(prediction: str, truth: str) -> float:
+    """SQuAD token F1: harmonic mean of precision and recall of the normalised bag of tokens."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = Counter(pred) & Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
