@@ -38,7 +38,7 @@ class TokenEvent:
     index: int  # choice index within the HTTP request
     text: str
     token_ids: list[int]
-    logprobs: list[dict[str, Any]]  # per token: {"token", "logprob", "top": [(token, logprob), ...]}
+    logprobs: list[dict[str, Any]]  # per token: {"token_id", "logprob", "top": [(token_id, logprob), ...]}
     finish_reason: str | None = None
     n_generated: int = 0  # tokens sampled so far (for usage)
     error: str | None = None
