@@ -146,6 +146,8 @@ def extract(checkpoint: str, *, fields: str | list[str] | None = None, text: str
         fields = list(first)
     if any(not f or '"' in f for f in fields):
         raise LlmkitError(f"field names must be non-empty and contain no quotes, got {fields}")
+    if any(g is not None for g in golds) and any(g is None for g in golds):
+        raise LlmkitError("some examples have gold 'fields' and some do not; give them for all or none")
     model, tok = load_checkpoint(checkpoint)
     is_chat = use_chat(tok, chat)
     prompts = [build_prompt(tok, PROMPT.format(fields=", ".join(fields), text=r["text"]), is_chat) for r in rows]
@@ -162,8 +164,6 @@ def extract(checkpoint: str, *, fields: str | list[str] | None = None, text: str
     for r, p in zip(rows, final):
         r["prediction"] = p
     if any(g is not None for g in golds):
-        if any(g is None for g in golds):
-            raise LlmkitError("some examples have gold 'fields' and some do not; give them for all or none")
         scores.update(field_scores(final, golds, fields))
         report("extract", scores)
     else:

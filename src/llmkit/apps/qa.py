@@ -69,6 +69,12 @@ def qa(checkpoint: str, *, question: str | list[str] | None = None, context: str
         raise LlmkitError("give --question (and optionally --context) or --data (JSONL with 'question')")
     rows = [{"question": q, **({"context": context} if context else {})} for q in (question or [])]
     rows += read_jsonl(data, ("question",), limit) if data else []
+    golds = [_answers(r) for r in rows]
+    scored = any(g is not None for g in golds)
+    if scored and any(g is None for g in golds):
+        raise LlmkitError("some examples have reference answers and some do not; give them for all or none")
+    if scored:
+        qa_scores([""] * len(golds), golds)  # fail on empty references before spending time generating
     model, tok = load_checkpoint(checkpoint)
     is_chat = use_chat(tok, chat)
     prompts = []
@@ -79,10 +85,7 @@ def qa(checkpoint: str, *, question: str | list[str] | None = None, context: str
     for r, p in zip(rows, preds):
         r["prediction"] = p
     scores: dict[str, Any] = {"n": len(rows)}
-    golds = [_answers(r) for r in rows]
-    if any(g is not None for g in golds):
-        if any(g is None for g in golds):
-            raise LlmkitError("some examples have reference answers and some do not; give them for all or none")
+    if scored:
         scores.update(qa_scores(preds, golds))
         report("qa", scores)
     else:

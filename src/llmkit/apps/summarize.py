@@ -62,6 +62,12 @@ def summarize(checkpoint: str, *, text: str | list[str] | None = None, data: str
     if not text and not data:
         raise LlmkitError("give --text or --data (JSONL with a 'text' field and optional 'summary')")
     rows = [{"text": t} for t in (text or [])] + (read_jsonl(data, ("text",), limit) if data else [])
+    has_ref = ["summary" in r for r in rows]
+    if any(has_ref) and not all(has_ref):
+        raise LlmkitError("some examples have a 'summary' and some do not; give references for all or none")
+    for i, r in enumerate(rows):
+        if "summary" in r and not str(r["summary"]).strip():
+            raise LlmkitError(f"reference summary {i + 1} is empty; give a non-empty 'summary' or drop the example")
     model, tok = load_checkpoint(checkpoint)
     is_chat = use_chat(tok, chat)
     prompts = [build_prompt(tok, prompt.format(text=r["text"]), is_chat) for r in rows]
@@ -69,10 +75,7 @@ def summarize(checkpoint: str, *, text: str | list[str] | None = None, data: str
     for r, p in zip(rows, preds):
         r["prediction"] = p
     scores: dict[str, Any] = {"n": len(rows)}
-    refs = [r for r in rows if "summary" in r]
-    if refs:
-        if len(refs) != len(rows):
-            raise LlmkitError("some examples have a 'summary' and some do not; give references for all or none")
+    if all(has_ref):
         scores.update(rouge_scores([r["prediction"] for r in rows], [str(r["summary"]) for r in rows]))
         report("summarize", scores)
     else:
