@@ -123,7 +123,7 @@ class Server:
     """Everything one served model needs: model, tokenizer, engine, limits, metrics."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_name: str, max_batch: int, limits: Limits,
-                 max_context: int | None = None):
+                 max_context: int | None = None, stream_interval: float = 0.0):
         self.model, self.tok, self.name, self.limits = model, tokenizer, model_name, limits
         self.block_size = min(model.cfg.block_size, max_context or model.cfg.block_size)
         self.metrics = Metrics()
@@ -133,19 +133,28 @@ class Server:
             self.engine = Engine(model, tokenizer, max_batch, on_step=self.metrics.on_step, max_context=max_context)
         self.in_flight = 0  # sequences submitted and not finished (event-loop thread only)
         self.embed_lock = threading.Lock()
-        # engine thread -> event loop: events of one decode step are handed over with one wake-up
+        # engine thread -> event loop: the events of one decode step (or of several, within stream_interval)
+        # are handed over with one wake-up, and each stream writes what it got in one chunk; this bounds the
+        # per-token cost of HTTP when many streams run at once
         self._outbox: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
         self._outbox_lock = threading.Lock()
         self._wake_pending = False
+        self.stream_interval = stream_interval
+        self._last_delivery = 0.0
 
     def _post(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[TokenEvent], ev: TokenEvent) -> None:
         with self._outbox_lock:
             self._outbox.append((q, ev))
             wake, self._wake_pending = not self._wake_pending, True
         if wake:
-            loop.call_soon_threadsafe(self._deliver)
+            delay = self._last_delivery + self.stream_interval - time.monotonic()
+            if delay > 0:
+                loop.call_soon_threadsafe(loop.call_later, delay, self._deliver)
+            else:
+                loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
+        self._last_delivery = time.monotonic()
         with self._outbox_lock:
             items, self._outbox, self._wake_pending = self._outbox, [], False
         for q, ev in items:
@@ -280,7 +289,7 @@ def _stop_ids(tok: Tokenizer, stops: list[str]) -> set[int]:
 
 def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key: str | None = None,
                max_batch: int = 8, limits: Limits | None = None, model_name: str | None = None,
-               device: str = "cpu", max_context: int | None = 2048) -> FastAPI:
+               device: str = "cpu", max_context: int | None = 2048, stream_interval: float = 0.02) -> FastAPI:
     """Build the FastAPI app serving one checkpoint folder (or an in-memory (model, tokenizer) pair)."""
     if isinstance(checkpoint, tuple):
         model, tok = checkpoint
@@ -296,7 +305,9 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
         raise LlmkitError("the server runs Transformer checkpoints; the LSTM baseline has no KV cache to batch")
     if max_context is not None and max_context < 2:
         raise LlmkitError(f"max_context must be at least 2 tokens, got {max_context}")
-    srv = Server(model, tok, name, max_batch, limits or Limits(), max_context)
+    if stream_interval < 0:
+        raise LlmkitError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
+    srv = Server(model, tok, name, max_batch, limits or Limits(), max_context, stream_interval)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -659,7 +670,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
           max_batch: int = 8, max_concurrent: int = 64, max_tokens: int | None = None,
           max_prompt_tokens: int | None = None, max_body_bytes: int = 1_000_000, max_context: int | None = 2048,
           model_name: str | None = None,
-          device: str = "cpu", threads: int | None = None, graceful_timeout: float = 30.0) -> None:
+          device: str = "cpu", threads: int | None = None, stream_interval: float = 0.02,
+          graceful_timeout: float = 30.0) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat playground at `/`.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with SSE),
@@ -681,6 +693,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         model_name: model id shown by /v1/models and expected in requests (default: the folder name).
         device: cpu or cuda.
         threads: CPU threads for torch (default: torch's choice; 1 is often best on a busy machine).
+        stream_interval: seconds between writes to a stream (0 = after every token); tokens produced in
+            between go out together, still one SSE event each. 0.02 s is smooth to read and saves CPU.
         graceful_timeout: seconds to let running requests finish after SIGTERM before cancelling them.
 
     Examples:
@@ -697,7 +711,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_concurrent=max_concurrent)
     app = create_app(checkpoint, api_key=api_key, max_batch=max_batch, limits=limits, model_name=model_name,
-                     device=device, max_context=max_context)
+                     device=device, max_context=max_context, stream_interval=stream_interval)
     name = app.state.server.name
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"serving {name!r} on http://{shown}:{port}  (playground: http://{shown}:{port}/ , "
