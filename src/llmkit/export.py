@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from llmkit.checkpoint import _resolve, load_model
-from llmkit.interop._io import atomic_folder
+from llmkit.fsutil import atomic_folder
 
 
 def _export(checkpoint: str, out: str, kind: str) -> Path:
