@@ -255,6 +255,19 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_sharded_safetensors_load(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32,
+                                                               n_layer=2, n_head=2)).eval()
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+    ours, _ = load_model(tmp_path / "out")
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert _max_diff(ours(ids).logits, ref(ids).logits) <= ATOL
+
+
 def test_pytorch_bin_loads_with_weights_only(tmp_path):
     src = _hf_gpt2(tmp_path / "hf")
     from safetensors.torch import load_file
