@@ -335,3 +335,21 @@ def test_encoder_checkpoint_serves_embeddings_only(bible_sample):
         ref = model.hidden(torch.tensor([ids]))[0].mean(0)
     torch.testing.assert_close(got[0], ref / ref.norm(), atol=1e-5, rtol=1e-5)
     assert got.shape == (2, model.cfg.d_model)
+
+
+def test_max_context_bounds_cache_and_requests(model_tok):
+    """--max_context serves a shorter context than the model's: smaller slot cache, limits follow it."""
+    from fastapi.testclient import TestClient
+
+    model, tok = model_tok
+    app = create_app((model, tok), max_batch=2, max_context=32, stream_interval=0)
+    engine = app.state.server.engine
+    assert engine.cache.max_len == 32 + 16 and engine.cache.k[0].shape[0] == 2
+    with TestClient(app) as http:
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 32
+        r = http.post("/v1/completions", json={"prompt": [65] * 32})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = http.post("/v1/completions", json={"prompt": [65] * 30, "max_tokens": 10, "temperature": 0})
+        assert r.status_code == 200
+        used, reason = r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]
+        assert (used == 2 and reason == "length") or (used <= 2 and reason == "stop")  # 30 + 2 = the context
