@@ -32,6 +32,7 @@ def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: T
     model, leftover = imported_model(hf, sd, source)
     cfg = model.cfg
     if leftover:
+        cfg.extra["source"]["extra_tensors"] = sorted(leftover)  # to-hf restores exactly these
         print(f"note: kept {len(leftover)} tensor(s) with no llmkit counterpart ({', '.join(sorted(leftover)[:3])}) "
               f"in {EXTRA}; `convert to-hf` writes them back", file=sys.stderr)
     if tokenizer is None:
@@ -129,9 +130,11 @@ def to_hf(checkpoint: str, out: str) -> Path:
     source = (cfg.extra or {}).get("source", {})
     head = not (family == "bert" and source.get("architecture") == "BertModel")
     tensors = hfmap.state_to_hf(model.state_dict(), cfg, family, head)
-    if (folder / EXTRA).exists():
+    wanted = set(source.get("extra_tensors", []))  # not a stale file carried over from another import
+    if wanted and (folder / EXTRA).exists():
         for k, v in load_tensors(folder / EXTRA).items():
-            tensors.setdefault(k, v)
+            if k in wanted:
+                tensors.setdefault(k, v)
     if not head:  # a bare BertModel's own files name its tensors without the "bert." prefix
         tensors = {k.removeprefix(hfmap.BASE_PREFIX[family]): v for k, v in tensors.items()}
     tok = Tokenizer.load(folder) if (folder / "tokenizer.json").exists() else None
