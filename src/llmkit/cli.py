@@ -118,6 +118,9 @@ def run_command(path: list[str], target: str, args: list[str]) -> Any:
     parser = ArgumentParser(prog=f"llmkit {' '.join(path)}", description=(inspect.getdoc(fn) or "").split("\n\n")[0],
                             epilog=_examples(fn), formatter_class=Formatter)
     parser.add_function_arguments(fn, as_positional=True)
+    # one-letter parameters also answer to a single dash (`llmkit search ... -k 5`)
+    short = {f"-{p}" for p in inspect.signature(fn).parameters if len(p) == 1}
+    args = [f"-{a}" if a in short else a for a in args]
     cfg = parser.parse_args(args)
     kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k != "config"}
     return fn(**kwargs)
