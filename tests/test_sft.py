@@ -271,3 +271,25 @@ def test_sft_lora_resume_is_exact(small_ckpt, qa_file, tmp_path):
     a, b = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))  # trained, not the zero init
+
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's template: adds a default system prompt when there is none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("conv", [CONVS[0], [{"role": "assistant", "content": "How can I help?"}, *CONVS[0]]],
+                         ids=["user-first", "assistant-first"])
+def test_masking_with_default_system_template(chatml_tok, conv):
+    tok = Tokenizer(chatml_tok.tok, chatml_tok.specials, SMOLLM2_TEMPLATE)
+    ids, labels = encode_chat(tok, conv)
+    full = render_chat(tok, conv, add_generation_prompt=False)
+    assert full.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    enc = tok.tok.encode(full)
+    assert ids == enc.ids
+    spans = _assistant_spans(full, conv)
+    expected = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(enc.ids, enc.offsets)]
+    assert labels == expected

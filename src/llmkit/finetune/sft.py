@@ -38,8 +38,11 @@ def chat_segments(tok: Tokenizer, messages: Messages) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render_chat(tok, messages[:i], add_generation_prompt=True) if i else ""
         through = render_chat(tok, messages[: i + 1], add_generation_prompt=False)
+        if i:
+            before = render_chat(tok, messages[:i], add_generation_prompt=True)
+        else:  # an opening assistant turn: whatever the template puts before its content is prompt
+            before = through[: through.rfind(m["content"])] if m["content"] else through
         if not (full.startswith(through) and through.startswith(before) and len(before) >= done):
             raise LlmkitError("the chat template does not render conversations prefix by prefix, so prompt and "
                               "response tokens cannot be told apart; use a ChatML-style template")
