@@ -177,8 +177,11 @@ def test_adapter_on_wrong_base_is_refused(tmp_path):
     apply_lora(model, r=4, alpha=8, targets=["attn.qkv"])
     save_adapter(tmp_path / "ad", model)
     other = _model(d_model=64)  # same module names, other shapes
+    before = {n: p.clone() for n, p in other.state_dict().items()}
     with pytest.raises(LlmkitError, match="another base model"):
         load_adapter(other, tmp_path / "ad")
+    assert not lora_modules(other)  # rolled back, not half-adapted
+    assert all(torch.equal(p, before[n]) for n, p in other.state_dict().items())
 
 
 def test_merge_command(tmp_path, bpe_tokenizer, capsys):

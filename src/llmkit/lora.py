@@ -185,6 +185,16 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     tensors = load_tensors(Path(folder) / ADAPTER_WEIGHTS)
     names = apply_lora(model, int(cfg["r"]), float(cfg["alpha"]), cfg["targets"], float(cfg.get("dropout", 0.0)),
                        train_also=cfg.get("train_also", []))
+    try:
+        _copy_adapter(model, tensors, cfg, names, folder)
+    except LlmkitError:
+        remove_lora(model)  # leave the model as it was, not half-adapted
+        raise
+    return names
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], names: list[str],
+                  folder: str | Path) -> None:
     if cfg.get("modules") and sorted(cfg["modules"]) != sorted(names):
         raise LlmkitError(f"adapter {folder} was trained on modules {cfg['modules'][:4]}... but this model gives "
                           f"{names[:4]}...; load it onto the base model it was trained from")
@@ -194,13 +204,21 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         raise LlmkitError(f"adapter {folder} does not fit this model: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}; load it onto the base model it was trained from")
     params = dict(model.named_parameters())
+    for n, t in tensors.items():  # check every shape before copying anything
+        if params[n].shape != t.shape:
+            raise LlmkitError(f"adapter tensor {n} has shape {tuple(t.shape)} but the model needs "
+                              f"{tuple(params[n].shape)}; this adapter belongs to another base model")
     with torch.no_grad():
         for n, t in tensors.items():
-            if params[n].shape != t.shape:
-                raise LlmkitError(f"adapter tensor {n} has shape {tuple(t.shape)} but the model needs "
-                                  f"{tuple(params[n].shape)}; this adapter belongs to another base model")
             params[n].copy_(t)
-    return names
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters without merging them: the model is its base again."""
+    for m in lora_modules(model).values():
+        with torch.no_grad():
+            m.lora_B.zero_()
+    return merge_lora(model)
 
 
 @torch.no_grad()
