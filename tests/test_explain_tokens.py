@@ -49,6 +49,7 @@ def test_integrated_gradients_completeness(small_model) -> None:
     # sum of attributions = f(x) - f(baseline), up to the Riemann (Gauss-Legendre) error
     assert sum(res["scores"]) == pytest.approx(gap, abs=0.02 * abs(gap) + 1e-3)
     assert abs(res["delta"]) < 0.02 * abs(gap) + 1e-3
+    assert res["scores"][0] == pytest.approx(0.0, abs=1e-6)  # the kept first token (attention sink) gets none
 
 
 def test_copy_model_attributes_to_the_copied_token() -> None:
