@@ -74,3 +74,14 @@ def test_demo_path_end_to_end(tmp_path):
     r = _cli("generate", str(run / "model"), "--prompt", "In the beginning", "--max_new_tokens", "10",
              "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("In the beginning") and len(r.stdout) > len("In the beginning")
+
+
+def test_dashed_and_short_flags_are_accepted():
+    from llmkit.cli import _normalize_flags
+
+    def fn(checkpoint, *, max_new_tokens=1, k=5, prompt=None):
+        """Example signature."""
+
+    args = ["ck", "--max-new-tokens", "3", "-k", "2", "--prompt+", "a-b", "--prompt=-x", "--not-a-flag"]
+    assert _normalize_flags(fn, args) == ["ck", "--max_new_tokens", "3", "--k", "2", "--prompt+", "a-b",
+                                          "--prompt=-x", "--not-a-flag"]

@@ -106,6 +106,22 @@ def _examples(fn: Any) -> str:
     return "examples:\n" + "\n".join("  " + line.strip() for line in body.strip().splitlines() if line.strip())
 
 
+def _normalize_flags(fn: Any, args: list[str]) -> list[str]:
+    """Accept `--max-new-tokens` for `--max_new_tokens`, and `-k` for a one-letter parameter `k`."""
+    params = set(inspect.signature(fn).parameters)
+    out = []
+    for a in args:
+        if a.startswith("--") and "-" in a[2:]:
+            name, eq, value = a[2:].partition("=")
+            base = name.rstrip("+")
+            if base.replace("-", "_") in params:
+                a = "--" + base.replace("-", "_") + name[len(base):] + eq + value
+        elif len(a) == 2 and a[0] == "-" and a[1] in params:
+            a = "-" + a
+        out.append(a)
+    return out
+
+
 def run_command(path: list[str], target: str, args: list[str]) -> Any:
     """Import the function behind a command and call it with flags parsed from its signature."""
     from jsonargparse import ArgumentParser, DefaultHelpFormatter
@@ -118,9 +134,7 @@ def run_command(path: list[str], target: str, args: list[str]) -> Any:
     parser = ArgumentParser(prog=f"llmkit {' '.join(path)}", description=(inspect.getdoc(fn) or "").split("\n\n")[0],
                             epilog=_examples(fn), formatter_class=Formatter)
     parser.add_function_arguments(fn, as_positional=True)
-    # one-letter parameters also answer to a single dash (`llmkit search ... -k 5`)
-    short = {f"-{p}" for p in inspect.signature(fn).parameters if len(p) == 1}
-    args = [f"-{a}" if a in short else a for a in args]
+    args = _normalize_flags(fn, args)
     cfg = parser.parse_args(args)
     kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k != "config"}
     return fn(**kwargs)
