@@ -245,7 +245,10 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
     if progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        import sys
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # keep redirected logs short
     model.train()
     t_last, tokens_since, stop_early = time.perf_counter(), 0, False
     while step < cfg.max_steps and not stop_early:
