@@ -119,6 +119,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if "model" not in meta:
         raise LlmkitError(f"{folder / CONFIG} has no 'model' section; is this a Hugging Face folder? "
                           f"import it with `llmkit convert from-hf {folder} OUT`")
+    if "heads" in meta:  # a fine-tuned checkpoint: backbone + task heads in one module
+        from llmkit.heads import load_task_model
+
+        task_model, _, meta = load_task_model(folder, device)
+        return task_model, meta
     cfg = ModelConfig.from_dict(meta["model"])
     model = build_model(cfg)
     load_weights(model, load_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
