@@ -110,24 +110,28 @@ class DPTask:
                 loss.backward()
         finally:
             self.hooks.disable_hooks()
-        grads = []
+        grads: list[torch.Tensor | None] = []
         for p in self.params:
             gs = getattr(p, "grad_sample", None)
-            if gs is None:
+            if gs is None and p.grad is not None:
                 raise LlmkitError(f"opacus produced no per-example gradient for a parameter of shape {tuple(p.shape)}; "
                                   "this layer type is not supported for DP training")
-            grads.append(gs)
+            grads.append(gs)  # None: the parameter took no part in this loss (e.g. an unused MLM head)
             p.grad_sample = None
             p.grad = None
         return loss.detach(), grads
 
-    def private_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """sum_i clip(g_i, C) + N(0, sigma^2 C^2), divided by the batch size."""
-        B = grads[0].size(0)
-        norms = torch.sqrt(sum(g.reshape(B, -1).float().pow(2).sum(1) for g in grads))  # (B,)
+    def private_grads(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """sum_i clip(g_i, C) + N(0, sigma^2 C^2), divided by the batch size (None stays None: unused)."""
+        used = [g for g in grads if g is not None]
+        B = used[0].size(0)
+        norms = torch.sqrt(sum(g.reshape(B, -1).float().pow(2).sum(1) for g in used))  # (B,)
         scale = (self.C / (norms + 1e-6)).clamp(max=1.0)
-        out = []
+        out: list[torch.Tensor | None] = []
         for g in grads:
+            if g is None:
+                out.append(None)
+                continue
             summed = torch.einsum("b,b...->...", scale.to(g.dtype), g)
             noise = torch.randn(summed.shape, generator=self.gen) * (self.sigma * self.C)
             out.append((summed + noise.to(summed.device, summed.dtype)) / self.batch_size)
@@ -138,5 +142,5 @@ class DPTask:
         loss, grads = self.per_example_grads(batch)
         priv = self.private_grads(grads)
         self.steps_done += 1
-        dot = sum((p * g).sum() for p, g in zip(self.params, priv))
+        dot = sum((p * g).sum() for p, g in zip(self.params, priv) if g is not None)
         return loss + dot - dot.detach()

@@ -243,9 +243,9 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
 
     bar = None
     if progress and is_main:
-        from tqdm.auto import tqdm
-
         import sys
+
+        from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)  # keep redirected logs short
