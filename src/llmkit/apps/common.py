@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 
@@ -46,13 +47,7 @@ def read_jsonl(path: str, required: tuple[str, ...], limit: int | None = None) -
         raise LlmkitError(f"no such data file {path}; give a .jsonl file with fields {', '.join(required)} "
                           f"or a named set ({', '.join(NAMED_EXAMPLES)})")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg}); one object per line") from e
+    for n, d in iter_jsonl(p, "examples"):
         missing = [f for f in required if not isinstance(d, dict) or not isinstance(d.get(f), str)]
         if missing:
             raise LlmkitError(f"{path}:{n} lacks string field(s) {missing}; each line needs {', '.join(required)}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.data.corpus import package_dir
+from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
 
 Messages = list[dict[str, str]]
@@ -96,20 +97,7 @@ def read_chat_jsonl(path: str | Path) -> list[Messages]:
     path = Path(path)
     if not path.exists():
         raise LlmkitError(f"no such chat data file {path}; give a .jsonl file or one of {', '.join(NAMED_CHAT_DATA)}")
-    if path.is_dir():
-        raise LlmkitError(f"{path} is a folder; give a .jsonl file with one chat example per line")
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmkitError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line") from e
-            except UnicodeDecodeError as e:
-                raise LlmkitError(f"{path}:{n}: not UTF-8 text") from e
-            examples.append(_example_from_record(rec, f"{path}:{n}"))
+    examples = [_example_from_record(rec, f"{path}:{n}") for n, rec in iter_jsonl(path, "chat examples")]
     if not examples:
         raise LlmkitError(f"{path} is empty: it holds no chat examples (one JSON object per line)")
     return examples

@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmkit.data.corpus import _NOTE, package_dir
+from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
 
 NAMED_PAIRS = {
@@ -91,13 +91,7 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _jsonl(path: Path) -> Iterator[Pair]:
-    for n, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{path}:{n} is not valid JSON ({e.msg}); one object per line") from e
+    for n, d in iter_jsonl(path, "source/target pairs"):
         if not isinstance(d, dict) or not isinstance(d.get("src", d.get("source")), str) \
                 or not isinstance(d.get("tgt", d.get("target")), str):
             raise LlmkitError(f'{path}:{n} needs string fields "src" and "tgt" (or "source" and "target")')
