@@ -11,6 +11,7 @@ import os
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,19 @@ def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 def report(name: str, scores: dict[str, Any]) -> None:
     shown = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
     print(f"{name}: {shown}")
+
+
+def finish(name: str, rows: list[dict[str, Any]], preds: list[Any], scores: dict[str, Any], scored: bool,
+           out: str | None, show: Callable[[Any], str] = str) -> dict[str, Any]:
+    """End of every recipe: print the scores (or, without references, the predictions), write OUT, return both."""
+    if scored:
+        report(name, scores)
+    else:
+        for p in preds:
+            print(show(p))
+    if out:
+        write_jsonl(out, rows)
+    return {"scores": scores, "predictions": preds}
 
 
 # ----------------------------------------------------------------------------------------------- SQuAD-style text match

@@ -12,12 +12,11 @@ from llmkit.apps.common import (
     as_list,
     build_prompt,
     complete,
+    finish,
     load_checkpoint,
     normalize_answer,
     read_jsonl,
-    report,
     use_chat,
-    write_jsonl,
 )
 from llmkit.errors import LlmkitError
 
@@ -163,12 +162,7 @@ def extract(checkpoint: str, *, fields: str | list[str] | None = None, text: str
     final = [p if p is not None else {f: None for f in fields} for p in preds]
     for r, p in zip(rows, final):
         r["prediction"] = p
-    if any(g is not None for g in golds):
+    scored = any(g is not None for g in golds)
+    if scored:
         scores.update(field_scores(final, golds, fields))
-        report("extract", scores)
-    else:
-        for p in final:
-            print(json.dumps(p, ensure_ascii=False))
-    if out:
-        write_jsonl(out, rows)
-    return {"scores": scores, "predictions": final}
+    return finish("extract", rows, final, scores, scored, out, show=lambda p: json.dumps(p, ensure_ascii=False))

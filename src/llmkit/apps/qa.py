@@ -10,12 +10,11 @@ from llmkit.apps.common import (
     build_prompt,
     complete,
     exact_match,
+    finish,
     load_checkpoint,
     read_jsonl,
-    report,
     token_f1,
     use_chat,
-    write_jsonl,
 )
 from llmkit.errors import LlmkitError
 
@@ -87,10 +86,4 @@ def qa(checkpoint: str, *, question: str | list[str] | None = None, context: str
     scores: dict[str, Any] = {"n": len(rows)}
     if scored:
         scores.update(qa_scores(preds, golds))
-        report("qa", scores)
-    else:
-        for p in preds:
-            print(p)
-    if out:
-        write_jsonl(out, rows)
-    return {"scores": scores, "predictions": preds}
+    return finish("qa", rows, preds, scores, scored, out)

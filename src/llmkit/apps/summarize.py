@@ -9,11 +9,10 @@ from llmkit.apps.common import (
     as_list,
     build_prompt,
     complete,
+    finish,
     load_checkpoint,
     read_jsonl,
-    report,
     use_chat,
-    write_jsonl,
 )
 from llmkit.errors import LlmkitError
 
@@ -77,10 +76,4 @@ def summarize(checkpoint: str, *, text: str | list[str] | None = None, data: str
     scores: dict[str, Any] = {"n": len(rows)}
     if all(has_ref):
         scores.update(rouge_scores([r["prediction"] for r in rows], [str(r["summary"]) for r in rows]))
-        report("summarize", scores)
-    else:
-        for r in rows:
-            print(r["prediction"])
-    if out:
-        write_jsonl(out, rows)
-    return {"scores": scores, "predictions": preds}
+    return finish("summarize", rows, preds, scores, all(has_ref), out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmkit.apps.common import as_list, build_prompt, complete, load_checkpoint, report, use_chat, write_jsonl
+from llmkit.apps.common import as_list, build_prompt, complete, finish, load_checkpoint, use_chat
 from llmkit.errors import LlmkitError
 from llmkit.seq2seq import BleuTokenize, score_translations, translate_texts
 
@@ -83,10 +83,4 @@ def translate(checkpoint: str, *, text: str | list[str] | None = None, data: str
     if refs:
         scored = [r for r in rows if "ref" in r]
         scores.update(score_translations([r["prediction"] for r in scored], refs, bleu_tokenize))
-        report("translate", scores)
-    else:
-        for p in preds:
-            print(p)
-    if out:
-        write_jsonl(out, rows)
-    return {"scores": scores, "predictions": preds}
+    return finish("translate", rows, preds, scores, bool(refs), out)
