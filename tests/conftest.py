@@ -43,9 +43,9 @@ def bpe_tokenizer(bible_sample):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, bpe_tokenizer) -> Path:
     """A randomly initialised gpt2-tiny checkpoint folder (vocab 512) with its tokenizer."""
-    from llmkit.checkpoint import save_checkpoint
-    from llmkit.config import preset
-    from llmkit.model import build_model
+    from llmkit.models.build import build_model
+    from llmkit.models.checkpoint import save_checkpoint
+    from llmkit.models.config import preset
 
     torch.manual_seed(0)
     cfg = preset("gpt2-tiny", vocab_size=bpe_tokenizer.vocab_size)

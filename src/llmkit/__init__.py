@@ -7,22 +7,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from llmkit.checkpoint import load as load
-    from llmkit.config import ModelConfig as ModelConfig
+    from llmkit.models.config import ModelConfig as ModelConfig
+    from llmkit.models.load import load as load
 
 
 def __getattr__(name: str) -> Any:
     """Lazy top-level API (`llmkit.load`, `llmkit.ModelConfig`, ...) so `import llmkit` stays fast."""
     if name == "load":
-        from llmkit.checkpoint import load
+        from llmkit.models.load import load
 
         return load
     if name in ("ModelConfig", "preset"):
-        from llmkit import config
+        from llmkit.models import config
 
         return getattr(config, name)
     if name == "build_model":
-        from llmkit.model import build_model
+        from llmkit.models.build import build_model
 
         return build_model
     if name == "Tokenizer":

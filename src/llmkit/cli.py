@@ -22,37 +22,37 @@ COMMANDS: dict[str, Any] = {
     "demo": ("llmkit.demo:demo", "run the whole path on the embedded World English Bible corpus"),
     "clean": ("llmkit.data.clean:clean", "clean a raw text corpus (HTML, NFKC, whitespace, dedup, stemming, PII)"),
     "tokenizer": {
-        "train": ("llmkit.tokenizer:train_tokenizer", "train a byte-level BPE / WordPiece / char tokenizer"),
+        "train": ("llmkit.data.prepare:train_tokenizer", "train a byte-level BPE / WordPiece / char tokenizer"),
     },
     "prepare": ("llmkit.data.prepare:prepare", "tokenize a corpus into train/val token shards"),
     "pretrain": ("llmkit.train.pretrain:pretrain", "pretrain a model (causal LM or masked LM) with exact resume"),
     "evaluate": ("llmkit.evaluate.evaluate:evaluate", "accuracy/P/R/F1 + confusion matrix, seqeval NER report, or perplexity"),
-    "generate": ("llmkit.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
+    "generate": ("llmkit.inference.generate:generate", "generate text (greedy, sampling, stop strings, streaming, batches)"),
     "serve": ("llmkit.serve.app:serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
-    "bench": ("llmkit.bench:bench", "measure training and decoding speed against reference implementations"),
+    "bench": ("llmkit.bench.runner:bench", "measure training and decoding speed against reference implementations"),
     "train": {
-        "seq2seq": ("llmkit.seq2seq:train_seq2seq", "train an encoder-decoder translator on parallel text; BLEU/chrF"),
+        "seq2seq": ("llmkit.train.seq2seq:train_seq2seq", "train an encoder-decoder translator on parallel text; BLEU/chrF"),
     },
     "app": {
         "summarize": ("llmkit.apps.summarize:summarize", "summarize texts with a decoder; ROUGE-1/2/L given references"),
         "translate": ("llmkit.apps.translate:translate", "translate with a seq2seq or decoder checkpoint; BLEU/chrF"),
         "qa": ("llmkit.apps.qa:qa", "answer questions about a context; SQuAD exact match and token F1"),
         "extract": ("llmkit.apps.extract:extract", "extract JSON fields from text (validated, retried); per-field F1"),
-        "chat": ("llmkit.apps.chat:chat", "one chat turn (or a scripted conversation) with a decoder's template"),
+        "chat": ("llmkit.apps.chat:app_chat", "one chat turn (or a scripted conversation) with a decoder's template"),
     },
     "finetune": {
-        "classify": ("llmkit.finetune.classify:classify", "fine-tune a text classifier ([CLS]/mean/last-token head)"),
-        "ner": ("llmkit.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),
-        "multitask": ("llmkit.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
-        "sft": ("llmkit.finetune.sft:sft", "instruction-tune a decoder on chat JSONL (loss on responses; LoRA optional)"),
+        "classify": ("llmkit.train.finetune.classify:classify", "fine-tune a text classifier ([CLS]/mean/last-token head)"),
+        "ner": ("llmkit.train.finetune.ner:ner", "fine-tune token classification (BIO NER, first-sub-token labels)"),
+        "multitask": ("llmkit.train.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
+        "sft": ("llmkit.train.finetune.sft:sft", "instruction-tune a decoder on chat JSONL (loss on responses; LoRA optional)"),
     },
     "lora": {
-        "merge": ("llmkit.lora:merge", "fold a LoRA adapter into its base checkpoint"),
+        "merge": ("llmkit.models.lora:merge", "fold a LoRA adapter into its base checkpoint"),
     },
-    "chat": ("llmkit.chat_repl:chat", "interactive terminal chat with a checkpoint or adapter (its chat template)"),
+    "chat": ("llmkit.apps.chat:chat", "interactive terminal chat with a checkpoint or adapter (its chat template)"),
     "wordvec": {
-        "train": ("llmkit.wordvec:wordvec_train", "train Word2Vec (CBOW / skip-gram) or FastText word vectors"),
-        "similar": ("llmkit.wordvec:wordvec_similar", "nearest neighbours of a word, or an analogy a - b + c"),
+        "train": ("llmkit.train.wordvec:wordvec_train", "train Word2Vec (CBOW / skip-gram) or FastText word vectors"),
+        "similar": ("llmkit.train.wordvec:wordvec_similar", "nearest neighbours of a word, or an analogy a - b + c"),
     },
     "explain": {
         "attention": ("llmkit.explain.attention:explain_attention", "attention heatmap PNG + HTML page of all heads"),
@@ -60,15 +60,15 @@ COMMANDS: dict[str, Any] = {
         "bias": ("llmkit.explain.bias:explain_bias", "minimal-pair log-prob skew with a bootstrap confidence interval"),
     },
     "convert": {
-        "from-hf": ("llmkit.convert:from_hf", "import a Hugging Face folder (GPT-2/Llama/BERT) or a GGUF file"),
-        "to-hf": ("llmkit.convert:to_hf", "export a checkpoint as a folder transformers/vLLM load"),
+        "from-hf": ("llmkit.interop.commands:from_hf", "import a Hugging Face folder (GPT-2/Llama/BERT) or a GGUF file"),
+        "to-hf": ("llmkit.interop.commands:to_hf", "export a checkpoint as a folder transformers/vLLM load"),
     },
     "export": {
-        "onnx": ("llmkit.export:onnx", "export to ONNX (dynamic batch/sequence axes) for onnxruntime"),
-        "torchscript": ("llmkit.export:torchscript", "export a traced TorchScript module (torch.jit.load)"),
+        "onnx": ("llmkit.interop.commands:onnx", "export to ONNX (dynamic batch/sequence axes) for onnxruntime"),
+        "torchscript": ("llmkit.interop.commands:torchscript", "export a traced TorchScript module (torch.jit.load)"),
     },
-    "embed": ("llmkit.embed:embed", "embed a text file (mean pooling + L2 norm) into a .npy search index"),
-    "search": ("llmkit.embed:search", "semantic search: rank an embedding index against a query"),
+    "embed": ("llmkit.inference.embed:embed", "embed a text file (mean pooling + L2 norm) into a .npy search index"),
+    "search": ("llmkit.inference.embed:search", "semantic search: rank an embedding index against a query"),
 }
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llmkit.checkpoint import load
 from llmkit.data.clean import clean
-from llmkit.data.prepare import prepare
-from llmkit.generate import SamplingParams, generate_text
-from llmkit.tokenizer import train_tokenizer
+from llmkit.data.prepare import prepare, train_tokenizer
+from llmkit.inference.generate import generate_text
+from llmkit.inference.sampling import SamplingParams
+from llmkit.models.load import load
 from llmkit.train.pretrain import pretrain
 
 

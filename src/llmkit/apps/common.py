@@ -17,8 +17,13 @@ from typing import Any, Literal
 
 from torch import nn
 
+from llmkit.apps.examples import NAMED_EXAMPLES, named_examples
 from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
+from llmkit.inference.chat_template import chat_stop_strings, render_chat
+from llmkit.inference.generate import generate_text
+from llmkit.inference.sampling import SamplingParams
+from llmkit.models.load import load
 from llmkit.tokenizer import Tokenizer
 
 ChatMode = Literal["auto", "yes", "no"]
@@ -26,8 +31,6 @@ ChatMode = Literal["auto", "yes", "no"]
 
 def load_checkpoint(checkpoint: str, decoder_only: bool = True) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of a checkpoint folder, failing clearly when it cannot run a text recipe."""
-    from llmkit.checkpoint import load
-
     model, tok = load(checkpoint)
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; a recipe needs one to read and write text")
@@ -39,8 +42,6 @@ def load_checkpoint(checkpoint: str, decoder_only: bool = True) -> tuple[nn.Modu
 
 def read_jsonl(path: str, required: tuple[str, ...], limit: int | None = None) -> list[dict[str, Any]]:
     """Examples from a named set (`trivia`, `wnut-extract`) or a JSONL file with the `required` string fields."""
-    from llmkit.apps.examples import NAMED_EXAMPLES, named_examples
-
     if path in NAMED_EXAMPLES:
         return named_examples(path)[:limit] if limit else named_examples(path)
     p = Path(path)
@@ -73,8 +74,6 @@ def build_prompt(tok: Tokenizer, instruction: str, chat: bool, system: str | Non
                  answer_prefix: str = "") -> str:
     """The instruction as a chat turn (template + generation prompt) or as plain text ending in a cue."""
     if chat:
-        from llmkit.chat import render_chat
-
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
         return render_chat(tok, msgs) + answer_prefix
     return instruction.rstrip() + "\n" + answer_prefix
@@ -84,12 +83,8 @@ def complete(model: nn.Module, tok: Tokenizer, prompts: list[str], max_new_token
              stop: list[str] | None = None, batch_size: int = 8, temperature: float = 0.0,
              seed: int | None = 0) -> list[str]:
     """Continue each prompt (greedy by default), batched; prompts that overflow the context keep their end."""
-    from llmkit.generate import SamplingParams, generate_text
-
     stops = list(stop or [])
     if tok.chat_template is not None:
-        from llmkit.chat import chat_stop_strings
-
         stops += chat_stop_strings(tok)
     block = model.cfg.block_size
     outs: list[str] = []

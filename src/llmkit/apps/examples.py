@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmkit.data.chat_data import chatterbot_conversations
+from llmkit.data.datasets import wnut16
+
 NAMED_EXAMPLES = {
     "trivia": "chatterbot-corpus English trivia: 260 questions + reference answers (qa)",
     "wnut-extract": "WNUT-16 tweets with gold person/location fields from the NER tags (extract)",
@@ -16,8 +19,6 @@ NAMED_EXAMPLES = {
 
 
 def trivia() -> list[dict[str, Any]]:
-    from llmkit.data.chat_data import chatterbot_conversations
-
     return [{"question": c["turns"][0], "answers": [c["turns"][1]]}
             for c in chatterbot_conversations("english") if c["file"] == "trivia.yml"]
 
@@ -33,8 +34,6 @@ def _first_entity(tokens: list[str], tags: list[str], kind: str) -> str | None:
 
 
 def wnut_extract() -> list[dict[str, Any]]:
-    from llmkit.data.datasets import wnut16
-
     rows = []
     for tokens, tags in wnut16():
         fields = {"person": _first_entity(tokens, tags, "person"), "location": _first_entity(tokens, tags, "geo-loc")}

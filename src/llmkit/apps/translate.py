@@ -6,15 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from llmkit.apps.common import as_list, build_prompt, complete, finish, load_checkpoint, use_chat
+from llmkit.data.parallel import read_pairs, split_pairs
 from llmkit.errors import LlmkitError
-from llmkit.seq2seq import BleuTokenize, score_translations, translate_texts
+from llmkit.inference.beam import translate_texts
+from llmkit.metrics.translation import BleuTokenize, score_translations
+from llmkit.models.checkpoint import read_meta
 
 PROMPT = "Translate the following {src_lang} text into {tgt_lang}. Reply with the translation only.\n\n{text}"
 
 
 def _held_out(checkpoint_meta: dict[str, Any], data: str, tgt_file: str | None, split: str) -> list[Any]:
-    from llmkit.data.parallel import read_pairs, split_pairs
-
     pairs = read_pairs(data, tgt_file)
     if split == "all":
         return pairs
@@ -57,7 +58,6 @@ def translate(checkpoint: str, *, text: str | list[str] | None = None, data: str
         raise LlmkitError("give --text or --data (parallel data with references)")
     if split not in ("valid", "train", "all"):
         raise LlmkitError(f"--split must be valid, train or all, got {split!r}")
-    from llmkit.checkpoint import read_meta
 
     model, tok = load_checkpoint(checkpoint, decoder_only=False)
     if model.cfg.arch not in ("seq2seq", "decoder"):

@@ -21,6 +21,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from llmkit.data.corpus import NAMED_CORPORA, bible_verses, corpus_files
+from llmkit.data.pii import scrub_pii
 from llmkit.errors import LlmkitError
 
 _WS = re.compile(r"\s+")
@@ -113,8 +114,6 @@ class Cleaner:
         text = strip_html(unit) if self.html else unit
         text = unicodedata.normalize("NFKC", text)
         if self.scrub:
-            from llmkit.data.pii import scrub_pii
-
             text, found = scrub_pii(text)
             for kind, n in found.items():
                 self.counts[f"pii_{kind}"] += n

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmkit.data.corpus import read_corpus
+from llmkit.data.corpus import iter_documents, read_corpus
 from llmkit.errors import LlmkitError
-from llmkit.fsutil import atomic_folder
-from llmkit.tokenizer import Tokenizer
+from llmkit.io import atomic_folder
+from llmkit.tokenizer import Kind, Tokenizer, train_from_iterator
 
 META = "meta.json"
 
@@ -88,3 +88,26 @@ def load_shards(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")[: meta["n_train"]]
     val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")[: meta["n_val"]]
     return train, val, meta
+
+
+def train_tokenizer(*, data: str, out: str, kind: Kind = "bpe", vocab_size: int = 4096, min_frequency: int = 2,
+                    lowercase: bool = False, special_tokens: list[str] | None = None) -> Tokenizer:
+    """Train a tokenizer on a corpus and save tokenizer.json into OUT.
+
+    Args:
+        data: a named corpus (`bible`), a UTF-8 text file, or a folder of .txt files.
+        out: folder to write tokenizer.json (and tokenizer_config.json with special-token roles) into.
+        kind: bpe (GPT-2 byte-level, lossless for any UTF-8 incl. Chinese), wordpiece (BERT) or char.
+        vocab_size: target vocabulary size including special tokens.
+        min_frequency: pairs seen fewer times are not merged (bpe/wordpiece).
+        lowercase: lowercase the text before tokenizing.
+        special_tokens: extra special tokens to reserve, e.g. ["<|user|>", "<|assistant|>"].
+
+    Examples:
+        llmkit tokenizer train --data bible --out runs/tok --kind bpe --vocab_size 4096
+        llmkit tokenizer train --data corpus_zh.txt --out runs/tok-zh --kind wordpiece --vocab_size 8000
+    """
+    tok = train_from_iterator(iter_documents(data), kind, vocab_size, min_frequency, lowercase, special_tokens)
+    tok.save(out)
+    print(f"trained {kind} tokenizer with {tok.vocab_size} tokens -> {Path(out) / 'tokenizer.json'}")
+    return tok

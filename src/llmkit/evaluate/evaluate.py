@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from llmkit.data.corpus import read_corpus
+from llmkit.data.labeled import prepare_tokenizer
 from llmkit.errors import LlmkitError
+from llmkit.evaluate.perplexity import perplexity_of_ids
+from llmkit.metrics.classification import confusion, plot_confusion
+from llmkit.models.checkpoint import read_meta
+from llmkit.models.heads import load_task_model
+from llmkit.models.load import load
+from llmkit.train.finetune.run import RESULTS, HeadSource, read_examples, split_examples, write_results
+from llmkit.train.finetune.task import Encoded, FinetuneTask, HeadData, encode_classify, encode_ner
 
 
 def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"] = "test",
@@ -35,8 +44,6 @@ def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"
         llmkit evaluate runs/wnut-ner
         llmkit evaluate runs/demo --data bible --max_tokens 50000
     """
-    from llmkit.checkpoint import read_meta
-
     meta = read_meta(ckpt)
     results = (_evaluate_heads(ckpt, meta, data, split, text_field, label_field, device, out)
                if "heads" in meta else _evaluate_lm(ckpt, meta, data, stride, max_tokens, device, out))
@@ -45,11 +52,6 @@ def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"
 
 def _evaluate_heads(ckpt: str, meta: dict[str, Any], data: str | None, split: str, text_field: str | None,
                     label_field: str | None, device: str, out: str | None) -> dict[str, Any]:
-    from llmkit.finetune.data import prepare_tokenizer
-    from llmkit.finetune.run import RESULTS, HeadSource, read_examples, split_examples, write_results
-    from llmkit.finetune.task import Encoded, FinetuneTask, HeadData, encode_classify, encode_ner
-    from llmkit.heads import load_task_model
-
     model, tok, _ = load_task_model(ckpt, device)
     prepare_tokenizer(tok)
     specs, sources = meta["heads"], {d["name"]: d for d in meta.get("data", [])}
@@ -81,8 +83,6 @@ def _evaluate_heads(ckpt: str, meta: dict[str, Any], data: str | None, split: st
         res = task.predict(model, head, enc)
         results[name] = {"data": where, "loss": res["loss"], **res["report"]}
         if kind == "classify":
-            from llmkit.evaluate.metrics import confusion, plot_confusion
-
             cm = confusion(res["y_true"], res["y_pred"], labels)
             results[name]["confusion"] = {"labels": labels, "matrix": cm}
             png = Path(out).with_suffix(".png") if out else Path(ckpt) / (
@@ -102,11 +102,6 @@ def _evaluate_heads(ckpt: str, meta: dict[str, Any], data: str | None, split: st
 
 def _evaluate_lm(ckpt: str, meta: dict[str, Any], data: str | None, stride: int, max_tokens: int, device: str,
                  out: str | None) -> dict[str, Any]:
-    from llmkit.checkpoint import load
-    from llmkit.data.corpus import read_corpus
-    from llmkit.evaluate.perplexity import perplexity_of_ids
-    from llmkit.finetune.run import write_results
-
     if data is None:
         raise LlmkitError("perplexity needs a text: pass --data FILE (or a named corpus such as bible)")
     arch = meta["model"].get("arch")

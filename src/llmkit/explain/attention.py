@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.model import Attention, Transformer, rotate_half
+from llmkit.models.load import load
+from llmkit.models.transformer import Attention, Transformer, rotate_half
 
 
 def _probs(attn: Attention, qkv: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -196,8 +197,6 @@ def explain_attention(checkpoint: str, *, text: str, layer: int = 0, head: int =
         llmkit explain attention runs/demo --text "In the beginning God created the heavens" --layer 1 --head 2
         llmkit explain attention runs/demo --text "And God said" --out runs/attn
     """
-    from llmkit.checkpoint import load
-
     model, tok = load(checkpoint, device)
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.models.load import load
 
 SHIPPED = {"gender-occupations": "gender_occupations.json"}
 
@@ -193,8 +194,6 @@ def explain_bias(checkpoint: str, *, pairs: str = "gender-occupations", n_boot: 
         llmkit explain bias runs/demo
         llmkit explain bias runs/smollm2 --pairs my_pairs.jsonl --out runs/bias.json
     """
-    from llmkit.checkpoint import load
-
     if n_boot < 100:
         raise LlmkitError(f"n_boot={n_boot} is too few resamples for a confidence interval; use at least 100")
     plist, meta = load_pairs(pairs)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.explain.attention import token_labels
+from llmkit.models.load import load
 
 Method = Literal["integrated_gradients", "grad_x_input"]
 
@@ -120,9 +122,6 @@ def explain_tokens(checkpoint: str, *, text: str, target: str | None = None,
         llmkit explain tokens runs/demo --text "And God said, Let there be" --target " light" --method grad_x_input
         llmkit explain tokens runs/demo --text "The LORD is my" --out runs/attr.html
     """
-    from llmkit.checkpoint import load
-    from llmkit.explain.attention import token_labels
-
     model, tok = load(checkpoint, device)
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")

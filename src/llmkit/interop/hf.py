@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 import torch
 
-from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.models.checkpoint import load_tensors
+from llmkit.models.config import ModelConfig
 
 Family = Literal["gpt2", "llama", "bert"]
 
@@ -365,8 +366,6 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_one(path: Path) -> dict[str, torch.Tensor]:
-    from llmkit.checkpoint import load_tensors
-
     if not path.exists():
         raise LlmkitError(f"weight shard {path} is missing")
     if path.suffix == ".safetensors":

@@ -29,10 +29,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
-from llmkit.chat import chat_stop_strings, render_chat
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingParams
-from llmkit.serve.engine import Engine, GenRequest, TokenEvent, mean_pool_embeddings, new_request
+from llmkit.inference.chat_template import chat_stop_strings, render_chat
+from llmkit.inference.embed import embed_texts, mean_pool_embeddings
+from llmkit.inference.sampling import SamplingParams
+from llmkit.models.load import load
+from llmkit.serve.engine import Engine, GenRequest, TokenEvent, new_request
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmkit.tokenizer import Tokenizer
@@ -295,8 +297,6 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
         model, tok = checkpoint
         name = model_name or "llmkit"
     else:
-        from llmkit.checkpoint import load
-
         model, tok = load(checkpoint, device)
         if tok is None:
             raise LlmkitError(f"{checkpoint} has no tokenizer.json; the server needs one to read text")
@@ -552,7 +552,6 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
         def compute() -> list[list[float]]:
             if texts is not None:  # the same vectors as `llmkit embed` / `llmkit search`
-                from llmkit.embed import embed_texts
 
                 return embed_texts(model, tok, texts).tolist()
             return mean_pool_embeddings(model, tok, ids)  # token-id input

@@ -14,7 +14,6 @@ Finished, stopped and cancelled requests free their slot at once.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -26,8 +25,9 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingParams, sample_next
-from llmkit.model import KVCache
+from llmkit.inference.detokenize import TextStream
+from llmkit.inference.sampling import SamplingParams, sample_next
+from llmkit.models.kv_cache import KVCache
 from llmkit.tokenizer import Tokenizer
 
 
@@ -68,26 +68,6 @@ class GenRequest:
     generator: torch.Generator | None = None
     budget: int = 0
     stream: TextStream | None = None
-
-
-class TextStream:
-    """Incremental detokenisation with stop strings, as `generate_text` does it (hold back a possible stop)."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-
-    def visible(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """(text safe to show, whether a stop string was hit)."""
-        text = self.tok.decode(ids)
-        hits = [text.find(s) for s in self.stops if s in text]
-        if hits:
-            return text[: min(hits)], True
-        if final:
-            return text, False
-        if self.stops:
-            return text[: max(len(text) - self.hold, 0)], False
-        return text.rstrip("\ufffd"), False  # wait for the rest of a multi-byte character
 
 
 class Engine:
@@ -387,27 +367,3 @@ def new_request(engine: Engine, prompt_ids: list[int], params: SamplingParams, s
     return req
 
 
-@torch.inference_mode()
-def mean_pool_embeddings(model: nn.Module, tokenizer: Tokenizer, ids: list[list[int]],
-                         batch_size: int = 32) -> list[list[float]]:
-    """Mean of the trunk's hidden states over real tokens, L2-normalised (sentence-transformers' recipe)."""
-    out: list[list[float]] = []
-    device = next(model.parameters()).device
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s: s + batch_size]
-        T = max(len(x) for x in chunk)
-        idx = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, x in enumerate(chunk):  # right padding: positions start at 0 for every row
-            idx[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        idx, mask = idx.to(device), mask.to(device)
-        if model.cfg.arch == "seq2seq":
-            h = model.encode(idx, mask)
-        else:
-            h = model.hidden(idx, attention_mask=mask)  # (B, T, C)
-        m = mask[..., None].to(h.dtype)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
-        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        out.extend(pooled.cpu().tolist())
-    return [[0.0 if math.isnan(v) else v for v in row] for row in out]

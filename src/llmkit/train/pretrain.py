@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmkit.checkpoint import load_model, load_training_state, save_checkpoint
-from llmkit.config import PRESETS, ModelConfig, preset
+from llmkit.data.corpus import iter_documents
 from llmkit.data.prepare import META, load_shards, prepare
 from llmkit.errors import LlmkitError
-from llmkit.model import build_model
+from llmkit.models.build import build_model
+from llmkit.models.checkpoint import load_training_state, save_checkpoint
+from llmkit.models.config import PRESETS, ModelConfig, preset
+from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer, train_from_iterator
 from llmkit.train.loop import TrainConfig, dist_info, fit, init_distributed
 
@@ -109,8 +111,6 @@ def _data_folder(data: str, out: Path, tokenizer: str | None, kind: str, vocab_s
         return Path(data)
     folder = out.with_name(out.name + "_data")
     if rank == 0:
-        from llmkit.data.corpus import iter_documents
-
         if tokenizer is None:
             tok_dir = out.with_name(out.name + "_tokenizer")
             print(f"training a {kind} tokenizer on {data} ...")

@@ -1,0 +1,240 @@
+"""Text generation: KV-cache prefill + one-token decode steps, greedy/temperature/top-k/top-p sampling,
+repetition penalty, stop strings, streaming and batched prompts (left-padded).
+
+The same primitives (`sample_next`, `left_pad`) are used by the server's continuous-batching engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmkit.data.batching import left_pad
+from llmkit.errors import LlmkitError
+from llmkit.inference.sampling import SamplingParams, sample_next
+from llmkit.models.load import load
+from llmkit.tokenizer import Tokenizer
+
+
+def _context_len(model: nn.Module) -> int:
+    return model.cfg.block_size
+
+
+def check_prompt(n_prompt: int, max_new_tokens: int, block_size: int) -> int:
+    """Validate a prompt length against the context; returns how many new tokens fit.
+
+    A prompt that fills the whole context is an error; otherwise generation stops at the context end
+    (finish_reason "length") rather than silently dropping the start of the prompt.
+    """
+    if n_prompt == 0:
+        raise LlmkitError("the prompt is empty; give at least one token of text")
+    if n_prompt >= block_size:
+        raise LlmkitError(f"the prompt has {n_prompt} tokens but the model's context is {block_size}; "
+                          "shorten the prompt")
+    return min(max_new_tokens, block_size - n_prompt)
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None,
+                 pad_id: int = 0, use_cache: bool = True,
+                 should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
+    """Yield, per decode step, the new token of every row (None once a row has finished).
+
+    A row finishes at eos, at max_new_tokens, at the end of the context, or when `should_stop(row, ids)`
+    says so (used for stop strings).
+    """
+    model.eval()
+    B = len(prompts)
+    block = _context_len(model)
+    budget = min(check_prompt(len(p), params.max_new_tokens, block) for p in prompts)
+    if getattr(model.cfg, "arch", "") == "lstm" and len({len(p) for p in prompts}) > 1:
+        # an LSTM state cannot skip padding tokens: run ragged prompts one by one, in lockstep
+        streams = [generate_ids(model, [p], params, eos_id, pad_id, use_cache,
+                                None if should_stop is None else (lambda _r, ids, i=i: should_stop(i, ids)))
+                   for i, p in enumerate(prompts)]
+        done = [False] * B
+        while not all(done):
+            step: list[int | None] = []
+            for i, s in enumerate(streams):
+                tok = None if done[i] else next(s, None)
+                if tok is None:
+                    done[i] = True
+                step.append(None if tok is None else tok[0])
+            if not all(done):
+                yield step
+        return
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu")
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    idx, mask = left_pad(prompts, pad_id)
+    idx, mask = idx.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each token within its own prompt
+    seen = None
+    if params.repetition_penalty != 1.0:
+        V = model.cfg.vocab_size
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        seen.scatter_(1, idx, mask.bool())
+    out: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    cache = model.new_cache(B, idx.size(1) + budget) if use_cache else None
+    inp, inp_mask, inp_pos = idx, mask, pos
+    for _ in range(budget):
+        if cache is not None:
+            logits = model(inp, attention_mask=inp_mask, position_ids=inp_pos, cache=cache, last_only=True).logits
+        else:
+            logits = model(idx, attention_mask=mask, position_ids=pos, last_only=True).logits
+        nxt = sample_next(logits[:, -1].cpu() if device != torch.device("cpu") else logits[:, -1], params, gen,
+                          None if seen is None else seen.cpu()).to(device)
+        step_out: list[int | None] = []
+        for i in range(B):
+            if finished[i]:
+                step_out.append(None)
+                continue
+            t = int(nxt[i])
+            if eos_id is not None and t == eos_id:
+                finished[i] = True
+                step_out.append(None)
+                continue
+            out[i].append(t)
+            step_out.append(t)
+            if should_stop is not None and should_stop(i, out[i]):
+                finished[i] = True
+        yield step_out
+        if all(finished):
+            return
+        if seen is not None:
+            seen[torch.arange(B), nxt] = True
+        nxt_pos = pos[:, -1:] + 1
+        if cache is not None:
+            inp, inp_mask, inp_pos = nxt[:, None], torch.ones(B, 1, dtype=torch.long, device=device), nxt_pos
+        else:
+            idx = torch.cat([idx, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
+        pos = torch.cat([pos, nxt_pos], 1) if cache is None else nxt_pos
+
+
+@dataclass
+class Completion:
+    """One generated continuation: its text, token ids, and why it ended ("stop" or "length")."""
+
+    text: str
+    ids: list[int]
+    finish_reason: str
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else -1
+
+
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
+                  use_cache: bool = True, on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Generate a continuation per prompt; `on_text(row, delta)` streams text as it is produced."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    B = len(ids)
+    budget = min(check_prompt(len(p), params.max_new_tokens, _context_len(model)) for p in ids)
+    texts = [""] * B
+    emitted = [0] * B  # characters already streamed; held back while a stop string might be forming
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    stopped = [False] * B
+
+    def should_stop(row: int, out: list[int]) -> bool:
+        texts[row] = tokenizer.decode(out)
+        if params.stop and _first_stop(texts[row], params.stop) >= 0:
+            stopped[row] = True
+            return True
+        return False
+
+    gen_ids: list[list[int]] = [[] for _ in range(B)]
+    for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop):
+        for i, t in enumerate(step):
+            if t is None:
+                continue
+            gen_ids[i].append(t)
+            if params.stop:
+                cut = _first_stop(texts[i], params.stop)
+                visible = texts[i][:cut] if cut >= 0 else texts[i][: max(len(texts[i]) - hold, 0)]
+            else:
+                visible = texts[i].rstrip("\ufffd")  # wait for the rest of a multi-byte character
+            if on_text is not None and len(visible) > emitted[i]:
+                on_text(i, visible[emitted[i]:])
+            emitted[i] = max(emitted[i], len(visible))
+    results = []
+    for i in range(B):
+        text = tokenizer.decode(gen_ids[i])
+        cut = _first_stop(text, params.stop) if params.stop else -1
+        if cut >= 0:
+            text = text[:cut]
+        if on_text is not None and len(text) > emitted[i]:
+            on_text(i, text[emitted[i]:])
+        reason = "stop" if stopped[i] or len(gen_ids[i]) < budget else "length"
+        results.append(Completion(text, gen_ids[i], reason))
+    return results
+
+
+def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_tokens: int = 100, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
+             stop: str | list[str] | None = None, seed: int | None = None, num_samples: int = 1,
+             stream: bool = False, no_cache: bool = False, device: str = "cpu") -> list[str]:
+    """Generate text from a checkpoint.
+
+    Args:
+        checkpoint: checkpoint folder (config.json + model.safetensors + tokenizer.json).
+        prompt: a prompt, or several (`--prompt+ a --prompt+ b` or a JSON list), generated together as a
+            left-padded batch.
+        max_new_tokens: most tokens to add per sample (fewer if the context fills up).
+        temperature: 0 = greedy (deterministic argmax); higher = more random.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only within the smallest set of tokens whose probability reaches p (nucleus).
+        repetition_penalty: > 1 discourages tokens already present (CTRL penalty).
+        stop: a stop string or a list of them; the output ends before the first one.
+        seed: random seed for reproducible sampling.
+        num_samples: samples per prompt.
+        stream: print tokens as they are produced (one prompt and one sample at a time).
+        no_cache: recompute the whole sequence each step instead of using the KV cache (slower; for checks).
+        device: cpu or cuda.
+
+    Examples:
+        llmkit generate runs/demo --prompt "In the beginning" --max_new_tokens 60
+        llmkit generate runs/demo --prompt "And God said" --temperature 0 --stop "." --stream true
+        llmkit generate runs/demo --prompt+ "The LORD" --prompt+ "Jesus said" --num_samples 2 --seed 1
+    """
+    model, tok = load(checkpoint, device)
+    if tok is None:
+        raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(stop, str):
+        stop = [stop]
+    prompts = list(prompt or ["\n"])
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, list(stop or []), seed)
+    outputs: list[str] = []
+    batch = [p for p in prompts for _ in range(num_samples)]
+    if stream:
+        for i, p in enumerate(batch):
+            sys.stdout.write(p)
+            sys.stdout.flush()
+
+            def emit(_row: int, delta: str) -> None:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+
+            if params.seed is not None:
+                params.seed = seed + i
+            outputs.append(p + generate_text(model, tok, [p], params, not no_cache, on_text=emit)[0].text)
+            sys.stdout.write("\n" + ("-" * 40 + "\n" if i < len(batch) - 1 else ""))
+        return outputs
+    for p, c in zip(batch, generate_text(model, tok, batch, params, not no_cache)):
+        outputs.append(p + c.text)
+    for i, o in enumerate(outputs):
+        print(o)
+        if i < len(outputs) - 1:
+            print("-" * 40)
+    return outputs

@@ -1,0 +1,377 @@
+"""One config-driven Transformer: GPT-2, Llama, BERT and the original encoder-decoder are `ModelConfig` data.
+
+Notation in shape comments: B batch, T query length, S key length, C d_model, nh query heads,
+nkv key/value heads, hd head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.errors import LlmkitError
+from llmkit.models.config import ModelConfig
+from llmkit.models.kv_cache import KVCache
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias or cfg.arch != "decoder")
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":  # GPT-2's "gelu_new"
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    return F.relu(x)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: act(x W1) W2, or the gated form act(x Wg) * (x W1) W2 (SwiGLU)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = cfg.activation
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.mlp == "gated" else None
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.proj(activation(self.act, self.gate(x)) * self.fc(x))
+        return self.proj(activation(self.act, self.fc(x)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(cfg: ModelConfig, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (n_pos, hd) for rotary embeddings, half-split layout as in Llama."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    freqs = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (Vaswani et al. 2017)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n_pos, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return pe
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads; self-attention (fused qkv) or cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.causal, self.cross, self.rope = causal, cross, cfg.pos == "rope" and not cross
+        self.dropout = cfg.dropout
+        if cross:
+            self.q = nn.Linear(cfg.d_model, self.nh * self.hd, bias=cfg.bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * self.nkv * self.hd, bias=cfg.bias)
+        else:
+            self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
+        self.proj = nn.Linear(self.nh * self.hd, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0,
+                memory: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.cross:
+            q = self.q(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+            if cache is not None and layer in cache.cross_kv:
+                k, v = cache.cross_kv[layer]
+            else:
+                S = memory.size(1)
+                k, v = self.kv(memory).view(B, S, 2, self.nkv, self.hd).permute(2, 0, 3, 1, 4)  # 2 x (B, nkv, S, hd)
+                if cache is not None:
+                    cache.cross_kv[layer] = (k, v)
+        else:
+            qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd)
+            q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+            q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+            v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
+            if rope is not None:
+                cos, sin = rope  # (B, 1, T, hd)
+                q = q * cos + rotate_half(q) * sin
+                k = k * cos + rotate_half(k) * sin
+            if cache is not None:
+                start, end = cache.pos, cache.pos + T
+                cache.k[layer][:, :, start:end] = k
+                cache.v[layer][:, :, start:end] = v
+                k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (B, nkv, S, hd)
+        if self.nkv != self.nh:  # grouped-query attention: share each KV head across nh/nkv query heads
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        # softmax(Q K^T / sqrt(hd) + mask) V
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Attention + MLP with residuals; pre-norm (GPT/Llama) or post-norm (BERT/original); optional cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, causal)
+        if cross:
+            self.norm_cross = make_norm(cfg)
+            self.cross_attn = Attention(cfg, causal=False, cross=True)
+        else:
+            self.cross_attn = None
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        def attn(h: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.attn(h, mask, is_causal, rope, cache, layer))
+
+        def cross(h: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.cross_attn(h, memory_mask, False, cache=cache, layer=layer, memory=memory))
+
+        def mlp(h: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.mlp(h))
+
+        if self.prenorm:
+            x = x + attn(self.norm1(x))
+            if self.cross_attn is not None:
+                x = x + cross(self.norm_cross(x))
+            return x + mlp(self.norm2(x))
+        x = self.norm1(x + attn(x))
+        if self.cross_attn is not None:
+            x = self.norm_cross(x + cross(x))
+        return self.norm2(x + mlp(x))
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def attention_mask_for(causal: bool, T: int, attention_mask: torch.Tensor | None,
+                       cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Return (bool mask (B,1,T,S) or None, is_causal) for SDPA. True = may attend.
+
+    Fast paths: no padding + no cache -> `is_causal`; single-token decode without padding -> no mask.
+    Every query may attend to itself, so rows of padding never become all -inf (NaN).
+    """
+    start = cache.pos if cache is not None else 0
+    end = start + T
+    if cache is not None:
+        cache.valid[:, start:end] = True if attention_mask is None else attention_mask.bool()
+        key_valid = cache.valid[:, :end]
+        padded = not bool(key_valid.all())
+    else:
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        padded = key_valid is not None and not bool(key_valid.all())
+    if not padded:
+        if not causal or (cache is not None and T == 1):
+            return None, False
+        if start == 0:
+            return None, True
+    q_pos = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(end, device=device)[None, :]  # (1, S)
+    m = (k_pos <= q_pos) if causal else torch.ones(T, end, dtype=torch.bool, device=device)
+    m = m[None, None]  # (1, 1, T, S)
+    if padded:
+        m = m & key_valid[:, None, None, :]
+    return m | (k_pos == q_pos)[None, None], False
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    """Decoder (GPT-2/Llama), encoder (BERT) or encoder-decoder (original Transformer), chosen by `cfg.arch`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Embedding(cfg.block_size, d) if cfg.pos == "learned" else None
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("sin_pe", sinusoidal_table(cfg.block_size, d), persistent=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
+        self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal=cfg.causal) for _ in range(cfg.n_layer))
+        if cfg.arch == "seq2seq":
+            n_dec = cfg.n_decoder_layer or cfg.n_layer
+            self.dec_blocks = nn.ModuleList(Block(cfg, causal=True, cross=True) for _ in range(n_dec))
+            self.dec_norm = make_norm(cfg) if cfg.prenorm else None
+        self.final_norm = make_norm(cfg) if cfg.prenorm else None
+        if cfg.arch == "encoder":  # BERT MLM head: dense -> act -> norm -> tied decoder + bias
+            self.mlm_dense = nn.Linear(d, d)
+            self.mlm_norm = make_norm(cfg)
+            self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    # -- embeddings ---------------------------------------------------------------------------------------
+    def embed(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+              token_type_ids: torch.Tensor | None = None, start: int = 0
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token (+position, +segment) embeddings (B, T, C), and RoPE tables for these positions."""
+        B, T = idx.shape
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device)[None].expand(B, T)
+        x = self.tok_emb(idx)
+        if self.cfg.embed_scale:
+            x = x * math.sqrt(self.cfg.d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        elif self.cfg.pos == "sinusoidal":
+            x = x + self.sin_pe[position_ids]
+        if self.type_emb is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(idx)
+            x = x + self.type_emb(token_type_ids)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = (self.rope_cos[position_ids][:, None].to(x.dtype), self.rope_sin[position_ids][:, None].to(x.dtype))
+        return self.drop(x), rope
+
+    # -- trunk -------------------------------------------------------------------------------------------
+    def hidden(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) of the encoder or decoder stack (the trunk every head sits on)."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        # with explicit position_ids (left padding, the server's slot cache) the cache write position may
+        # run ahead of the logical positions; the context limit applies to the positions themselves
+        n_ctx = start + T if position_ids is None or cache is None else int(position_ids.max()) + 1
+        if n_ctx > self.cfg.block_size:
+            raise LlmkitError(f"sequence of {n_ctx} tokens exceeds the model's context (block_size="
+                              f"{self.cfg.block_size}); shorten the input")
+        if cache is not None and start + T > cache.max_len:
+            raise LlmkitError(f"the KV cache holds {cache.max_len} positions but {start + T} are needed; "
+                              "allocate a larger cache")
+        x, rope = self.embed(idx, position_ids, token_type_ids, start)
+        mask, is_causal = attention_mask_for(self.cfg.causal, T, attention_mask, cache, idx.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, is_causal, rope, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (B, T, V) from hidden states (MLM transform first for encoders)."""
+        if self.cfg.arch == "encoder":
+            h = self.mlm_norm(activation(self.cfg.activation, self.mlm_dense(h)))
+            return self.lm_head(h) + self.lm_bias
+        return self.lm_head(h)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> LMOutput:
+        """Logits for every position (or only the last, for decoding) and the loss if `targets` is given.
+
+        targets use -100 for positions that carry no loss (padding, prompt tokens, unmasked MLM tokens).
+        """
+        h = self.hidden(idx, attention_mask, position_ids, token_type_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.logits(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return LMOutput(logits, loss)
+
+    # -- encoder-decoder ------------------------------------------------------------------------------------
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """seq2seq: bidirectional encoder over the source (B, S) -> memory (B, S, C)."""
+        x, _ = self.embed(src)
+        mask, _ = attention_mask_for(False, src.size(1), src_mask, None, src.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, False, None, None, i)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """seq2seq: causal decoder over target prefix (B, T) attending to memory -> logits (B, T, V)."""
+        start = cache.pos if cache is not None else 0
+        x, _ = self.embed(tgt, start=start)
+        mask, is_causal = attention_mask_for(True, tgt.size(1), None, cache, tgt.device)
+        mem_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        for i, block in enumerate(self.dec_blocks):
+            x = block(x, mask, is_causal, None, cache, i, memory, mem_mask)
+        if cache is not None:
+            cache.pos += tgt.size(1)
+        if self.dec_norm is not None:
+            x = self.dec_norm(x)
+        return self.lm_head(x)
+
+    def seq2seq_loss(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                     src_mask: torch.Tensor | None = None, label_smoothing: float = 0.0) -> LMOutput:
+        """Teacher forcing: predict tgt_out from the source and the shifted target tgt_in."""
+        logits = self.decode(tgt_in, self.encode(src, src_mask), src_mask)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), tgt_out.reshape(-1),
+                               ignore_index=-100, label_smoothing=label_smoothing)
+        return LMOutput(logits, loss)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache sized for `batch` sequences of up to `max_len` tokens, on the model's device/dtype."""
+        p = self.tok_emb.weight
+        n_layer = len(self.dec_blocks) if self.cfg.arch == "seq2seq" else self.cfg.n_layer
+        return KVCache(self.cfg, batch, max_len, p.device, p.dtype, n_layer=n_layer)
+
+

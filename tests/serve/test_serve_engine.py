@@ -1,0 +1,167 @@
+"""Continuous-batching engine: same tokens as `generate_text`, requests join/leave mid-batch, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmkit.inference.embed import mean_pool_embeddings
+from llmkit.inference.generate import generate_text
+from llmkit.inference.sampling import SamplingParams
+from llmkit.models.build import build_model
+from llmkit.models.config import preset
+from llmkit.models.load import load
+from llmkit.serve.engine import Engine, TokenEvent, new_request
+
+PROMPTS = ["In the beginning", "And God said, Let there be light", "Jesus wept", "a",
+           "The LORD is my shepherd; I shall not want. He makes me lie down in green pastures",
+           "Blessed are the poor in spirit, for theirs is the Kingdom of Heaven. Blessed are those who mourn",
+           "Love", "For God so loved the world"]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_ckpt):
+    return load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+def small_model(request, bpe_tokenizer):
+    """A 2-layer model with a 48-token context, so the slot cache (96 positions) is compacted often.
+    llama-tiny covers RoPE and grouped-query attention with per-row positions."""
+    torch.manual_seed(0)
+    cfg = preset(request.param, vocab_size=bpe_tokenizer.vocab_size, block_size=48, n_layer=2)
+    return build_model(cfg).eval(), bpe_tokenizer
+
+
+class Collector:
+    """Gathers events per request; records the engine step at which each request got its first/last token."""
+
+    def __init__(self, engine: Engine | None = None):
+        self.text: dict[int, str] = {}
+        self.finish: dict[int, str] = {}
+        self.first_step: dict[int, int] = {}
+        self.last_step: dict[int, int] = {}
+        self.engine = engine
+        self.done = threading.Event()
+        self.expected = 0
+
+    def sink(self, key: int):
+        self.text[key] = ""
+
+        def f(ev: TokenEvent) -> None:
+            self.text[key] += ev.text
+            step = self.engine.stats["steps"] if self.engine else 0
+            if ev.token_ids:
+                self.first_step.setdefault(key, step)
+                self.last_step[key] = step
+            if ev.finish_reason is not None:
+                self.finish[key] = ev.finish_reason
+                if len(self.finish) == self.expected:
+                    self.done.set()
+        return f
+
+
+def run_all(engine: Engine, tok, prompts: list[str], params: list[SamplingParams], stagger: float = 0.0) -> Collector:
+    col = Collector(engine)
+    col.expected = len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.submit(new_request(engine, tok.encode(p), sp, col.sink(i)))
+        if stagger:
+            time.sleep(stagger)
+    assert col.done.wait(60), "engine did not finish in 60 s"
+    return col
+
+
+def test_greedy_matches_generate_with_joins_compaction_and_shift(small_model):
+    """Greedy text and finish reasons equal `generate_text` (one prompt at a time) although requests share
+    a 3-slot batch, join while others run, and the slot cache is compacted and shifted right."""
+    model, tok = small_model
+    prompts = [PROMPTS[3], PROMPTS[4]] + PROMPTS[:3] + PROMPTS[5:]  # a short prompt, then a long one joins
+    budgets = [47, 30, 40, 20, 47, 12, 30, 25]  # some reach the 48-token context ("length")
+    params = [SamplingParams(max_new_tokens=b, temperature=0) for b in budgets]
+    ref = [generate_text(model, tok, [p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = Engine(model, tok, max_batch=3)
+    engine.start()
+    try:
+        col = run_all(engine, tok, prompts, params)
+    finally:
+        engine.stop()
+    for i, r in enumerate(ref):
+        assert col.text[i] == r.text, f"prompt {i} differs"
+        assert col.finish[i] == r.finish_reason
+    assert engine.stats["shifts"] >= 1  # the long prompt joined a shorter running window
+    assert engine.stats["compactions"] >= 1  # the shared write position reached the end of the buffer
+    assert engine.stats["prefills"] == len(prompts)
+    # continuous batching: some request started while another was running and finished before it
+    overlaps = [(a, b) for a in col.first_step for b in col.first_step
+                if col.first_step[a] < col.first_step[b] < col.last_step[a] < col.last_step[b]]
+    assert overlaps, "no request joined a running batch"
+    # fewer steps than running the requests one after another
+    assert engine.stats["steps"] < sum(len(tok.encode(r.text)) for r in ref)
+
+
+def test_seeded_sampling_matches_generate(model_tok):
+    model, tok = model_tok
+    params = [SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=s) for s in (1, 2, 3)]
+    ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(PROMPTS[:3], params)]
+    engine = Engine(model, tok, max_batch=4)
+    engine.start()
+    try:
+        col = run_all(engine, tok, PROMPTS[:3], params)
+    finally:
+        engine.stop()
+    assert [col.text[i] for i in range(3)] == ref
+
+
+def test_stop_string_matches_generate(model_tok):
+    model, tok = model_tok
+    greedy = generate_text(model, tok, [PROMPTS[0]], SamplingParams(max_new_tokens=40, temperature=0))[0].text
+    stop = greedy[10:13]  # a piece of text the model is known to produce
+    sp = SamplingParams(max_new_tokens=40, temperature=0, stop=[stop])
+    ref = generate_text(model, tok, [PROMPTS[0]], sp)[0]
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        col = run_all(engine, tok, [PROMPTS[0]], [sp])
+    finally:
+        engine.stop()
+    assert col.text[0] == ref.text == greedy[: greedy.find(stop)]
+    assert col.finish[0] == "stop"
+
+
+def test_cancel_frees_slot_at_once(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_batch=1)
+    engine.start()
+    try:
+        col = Collector(engine)
+        col.expected = 2
+        long = new_request(engine, tok.encode("In"), SamplingParams(max_new_tokens=120, temperature=0), col.sink(0))
+        engine.submit(long)
+        short = new_request(engine, tok.encode("Jesus"), SamplingParams(max_new_tokens=5, temperature=0), col.sink(1))
+        engine.submit(short)  # waits: the only slot is taken
+        deadline = time.monotonic() + 10
+        while 0 not in col.first_step and time.monotonic() < deadline:
+            time.sleep(0.001)
+        Engine.cancel(long)
+        assert col.done.wait(30)
+    finally:
+        engine.stop()
+    assert col.finish == {0: "abort", 1: "length"}
+    assert engine.stats["aborted"] == 1
+    assert len(tok.encode(col.text[0])) < 100  # stopped long before its 120 tokens
+
+
+def test_mean_pool_embeddings_ignore_padding(model_tok):
+    """Batched (right-padded) pooling equals pooling each text alone, computed here from `model.hidden`."""
+    model, tok = model_tok
+    ids = [tok.encode(t) for t in PROMPTS[:4]]
+    got = torch.tensor(mean_pool_embeddings(model, tok, ids))
+    with torch.no_grad():
+        ref = torch.stack([model.hidden(torch.tensor([x]))[0].mean(0) for x in ids])
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
