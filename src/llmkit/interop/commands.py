@@ -71,9 +71,10 @@ def imported_model(hf: dict[str, Any], sd: dict[str, torch.Tensor], source: str
 def from_hf(src: str, out: str) -> Path:
     """Import a Hugging Face model folder or a GGUF file into an llmkit checkpoint folder (fp32, tokenizer included).
 
-    Supported: GPT2LMHeadModel, LlamaForCausalLM (GQA, tied or untied embeddings), BertModel and
-    BertForMaskedLM from config.json + model.safetensors (sharded too) or pytorch_model.bin (loaded with
-    weights_only=True); GGUF files of llama/gpt2 models through transformers' loader, dequantised to fp32.
+    Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2/2.5),
+    Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B),
+    BertModel and BertForMaskedLM from config.json + model.safetensors (sharded too) or pytorch_model.bin
+    (loaded with weights_only=True); GGUF files through transformers' loader, dequantised to fp32.
 
     Args:
         src: a Hugging Face model folder (config.json + weights + tokenizer.json), or a .gguf file.
@@ -107,9 +108,11 @@ def from_hf(src: str, out: str) -> Path:
 def to_hf(checkpoint: str, out: str) -> Path:
     """Export an llmkit checkpoint as a Hugging Face folder that transformers (and so vLLM) load without llmkit.
 
-    Decoders with learned positions + LayerNorm become GPT2LMHeadModel, RoPE + RMSNorm + gated MLP become
-    LlamaForCausalLM, BERT-shaped encoders BertForMaskedLM (BertModel if imported from one). Missing
-    biases are written as zeros, so the exported model computes exactly the same function.
+    Decoders with learned positions + LayerNorm become GPT2LMHeadModel; RoPE + RMSNorm + gated MLP the
+    family they were imported from (Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3), else the first Llama-like
+    family that expresses every switch (LlamaForCausalLM for plain ones); BERT-shaped encoders
+    BertForMaskedLM (BertModel if imported from one). Missing biases are written as zeros, so the exported
+    model computes exactly the same function.
 
     Args:
         checkpoint: llmkit checkpoint folder.

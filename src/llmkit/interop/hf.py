@@ -1,41 +1,51 @@
-"""Hugging Face <-> llmkit: config translation and one name map per family (GPT-2, Llama, BERT), both ways.
+"""Hugging Face <-> llmkit: config translation and one name map per family, both ways.
 
-The map is data: for every llmkit tensor, the HF tensor(s) it comes from and how (copy, transpose of
-GPT-2's Conv1D (in, out) weights, or row-concatenation of q/k/v into our fused `attn.qkv`). Import and
-export walk the same table, so a round trip is exact by construction and the parity tests check the table.
+Families: GPT-2 and BERT here, the Llama-like decoders (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2,
+Gemma 3) in `hf_decoders`. The map is data (`hf_rules.Rule`): for every llmkit tensor, the HF tensor(s)
+it comes from and how. Import and export walk the same table, so a round trip is exact by construction
+and the parity tests check the table.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.interop.hf_decoders import (
+    DECODERS,
+    Decoder,
+    decoder_config_from_hf,
+    decoder_config_to_hf,
+    decoder_rules,
+    fits,
+)
+from llmkit.interop.hf_rules import ACT_HF, Rule, act, linear, need, norm
 from llmkit.models.checkpoint import load_tensors
 from llmkit.models.config import ModelConfig
 
-Family = Literal["gpt2", "llama", "bert"]
+Family = Literal["gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 
 # HF `architectures[0]` -> (family, has LM/MLM head)
 ARCHITECTURES: dict[str, tuple[Family, bool]] = {
     "GPT2LMHeadModel": ("gpt2", True),
-    "LlamaForCausalLM": ("llama", True),
     "BertForMaskedLM": ("bert", True),
     "BertModel": ("bert", False),
+    **{arch: (fam, True) for fam, (arch, _, _) in DECODERS.items()},
 }
-_MODEL_TYPE_DEFAULT = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}
-BASE_PREFIX: dict[Family, str] = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+_MODEL_TYPE_DEFAULT = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel",
+                       **{mt: arch for arch, mt, _ in DECODERS.values()}}
+BASE_PREFIX: dict[Family, str] = {"gpt2": "transformer.", "bert": "bert.", **{f: "model." for f in DECODERS}}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# the order in which export tries the Llama-like families when the checkpoint's own does not fit
+_EXPORT_ORDER: tuple[Decoder, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
 # tensors HF keeps that carry no weights (causal-mask buffers, cached RoPE frequencies, position ids)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq",
                      "cls.predictions.decoder.bias")  # the last is an alias of cls.predictions.bias
 
-_HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
-           "silu": "silu", "swish": "silu"}
-_ACT_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -46,71 +56,39 @@ def family_of(hf: dict[str, Any]) -> tuple[Family, str, bool]:
     archs = hf.get("architectures") or []
     name = archs[0] if archs else _MODEL_TYPE_DEFAULT.get(str(hf.get("model_type")), "")
     if name not in ARCHITECTURES:
-        raise LlmkitError(f"unsupported architecture {name or hf.get('model_type')!r} in config.json; "
-                          f"llmkit converts {', '.join(ARCHITECTURES)}")
+        raise LlmkitError(f"unsupported architecture {name or hf.get('model_type')!r} (model_type "
+                          f"{hf.get('model_type')!r}) in config.json; llmkit converts {', '.join(ARCHITECTURES)}")
     family, head = ARCHITECTURES[name]
     return family, name, head
-
-
-def _need(hf: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if hf.get(k) is not None:
-            return hf[k]
-    raise LlmkitError(f"config.json lacks {keys[0]!r}; is it a complete Hugging Face config?")
-
-
-def _act(hf_act: str) -> str:
-    if hf_act not in _HF_ACT:
-        raise LlmkitError(f"activation {hf_act!r} is not supported; llmkit has {', '.join(_HF_ACT)}")
-    return _HF_ACT[hf_act]
-
-
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """transformers 5 keeps rope_theta in rope_parameters; 4.x at the top level. Only plain RoPE maps."""
-    rp = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise LlmkitError(f"RoPE scaling {kind!r} is not supported by llmkit's model; only plain RoPE converts")
-    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, Family, str, bool]:
     """Translate an HF config.json dict to a `ModelConfig` (+ family, architecture, has head)."""
     family, arch, head = family_of(hf)
-    src = {"format": "hf", "architecture": arch, "model_type": hf.get("model_type")}
+    src = {"format": "hf", "architecture": arch, "model_type": hf.get("model_type"),
+           "token_ids": {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}}  # to-hf falls back to these
     if family == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise LlmkitError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn "
                               "are not supported")
-        d = _need(hf, "n_embd", "hidden_size")
+        d = need(hf, "n_embd", "hidden_size")
         cfg = dict(arch="decoder", norm="layernorm", mlp="standard", pos="learned", prenorm=True, bias=True,
-                   vocab_size=_need(hf, "vocab_size"), block_size=_need(hf, "n_positions", "max_position_embeddings"),
-                   n_layer=_need(hf, "n_layer", "num_hidden_layers"), n_head=_need(hf, "n_head", "num_attention_heads"),
+                   vocab_size=need(hf, "vocab_size"), block_size=need(hf, "n_positions", "max_position_embeddings"),
+                   n_layer=need(hf, "n_layer", "num_hidden_layers"), n_head=need(hf, "n_head", "num_attention_heads"),
                    d_model=d, d_ff=hf.get("n_inner") or 4 * d, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                   activation=_act(hf.get("activation_function", "gelu_new")),
+                   activation=act(hf.get("activation_function", "gelu_new")),
                    tie_embeddings=hf.get("tie_word_embeddings", True))
-    elif family == "llama":
-        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-            raise LlmkitError("Llama configs with attention_bias != mlp_bias are not supported")
-        n_head = _need(hf, "num_attention_heads")
-        d = _need(hf, "hidden_size")
-        cfg = dict(arch="decoder", norm="rmsnorm", mlp="gated", pos="rope", prenorm=True,
-                   bias=bool(hf.get("attention_bias", False)), vocab_size=_need(hf, "vocab_size"),
-                   block_size=_need(hf, "max_position_embeddings"), n_layer=_need(hf, "num_hidden_layers"),
-                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
-                   head_dim=hf.get("head_dim") or d // n_head, d_ff=_need(hf, "intermediate_size"),
-                   norm_eps=float(hf.get("rms_norm_eps", 1e-6)), activation=_act(hf.get("hidden_act", "silu")),
-                   rope_theta=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    elif family in DECODERS:
+        cfg = decoder_config_from_hf(hf, family)
     else:
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise LlmkitError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported; "
                               "only absolute positions convert")
         cfg = dict(arch="encoder", norm="layernorm", mlp="standard", pos="learned", prenorm=False, bias=True,
-                   embed_norm=True, vocab_size=_need(hf, "vocab_size"), block_size=_need(hf, "max_position_embeddings"),
-                   n_layer=_need(hf, "num_hidden_layers"), n_head=_need(hf, "num_attention_heads"),
-                   d_model=_need(hf, "hidden_size"), d_ff=_need(hf, "intermediate_size"),
-                   norm_eps=float(hf.get("layer_norm_eps", 1e-12)), activation=_act(hf.get("hidden_act", "gelu")),
+                   embed_norm=True, vocab_size=need(hf, "vocab_size"), block_size=need(hf, "max_position_embeddings"),
+                   n_layer=need(hf, "num_hidden_layers"), n_head=need(hf, "num_attention_heads"),
+                   d_model=need(hf, "hidden_size"), d_ff=need(hf, "intermediate_size"),
+                   norm_eps=float(hf.get("layer_norm_eps", 1e-12)), activation=act(hf.get("hidden_act", "gelu")),
                    type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=hf.get("pad_token_id"),
                    tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
     return ModelConfig(**cfg, extra={"source": src}), family, arch, head
@@ -121,26 +99,21 @@ def config_to_hf(cfg: ModelConfig, family: Family, head: bool, bos_id: int | Non
     """The HF config.json for `cfg` in `family` (what `AutoConfig.from_pretrained` reads)."""
     common: dict[str, Any] = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
                               "torch_dtype": "float32"}
-    for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
-        if v is not None:
-            common[k] = v
+    source_ids = ((cfg.extra or {}).get("source") or {}).get("token_ids") or {}
+    for k, v in zip(_TOKEN_IDS, (bos_id, eos_id, pad_id)):
+        if v is not None or source_ids.get(k) is not None:
+            common[k] = v if v is not None else source_ids[k]
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
                 "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                "n_inner": cfg.d_ff, "activation_function": _ACT_HF[cfg.activation],
+                "n_inner": cfg.d_ff, "activation_function": ACT_HF[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "scale_attn_weights": True}
-    if family == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
-                "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
-                "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-                "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-                "hidden_act": _ACT_HF[cfg.activation], "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": 0.0}
+    if family in DECODERS:
+        return decoder_config_to_hf(cfg, family, common)
     return {"architectures": ["BertForMaskedLM" if head else "BertModel"], "model_type": "bert", **common,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "intermediate_size": cfg.d_ff, "hidden_act": _ACT_HF[cfg.activation],
+            "intermediate_size": cfg.d_ff, "hidden_act": ACT_HF[cfg.activation],
             "max_position_embeddings": cfg.block_size, "type_vocab_size": max(cfg.type_vocab_size, 1),
             "layer_norm_eps": cfg.norm_eps, "position_embedding_type": "absolute",
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -153,8 +126,8 @@ def export_family(cfg: ModelConfig) -> Family:
             raise LlmkitError(f"this checkpoint cannot be exported to Hugging Face: {what}")
 
     need(cfg.arch in ("decoder", "encoder"), f"arch {cfg.arch!r} has no transformers counterpart (decoder/encoder only)")
-    need(cfg.activation in _ACT_HF, f"activation {cfg.activation!r}")
-    need(not cfg.embed_scale, "embed_scale=True (sqrt(d_model) embedding scaling)")
+    need(cfg.activation in ACT_HF, f"activation {cfg.activation!r}")
+    need(not cfg.embed_scale or cfg.pos == "rope", "embed_scale=True (sqrt(d_model) embedding scaling)")
     if cfg.arch == "encoder":
         need(cfg.pos == "learned" and cfg.norm == "layernorm" and not cfg.prenorm and cfg.embed_norm
              and cfg.mlp == "standard" and cfg.n_kv_head == cfg.n_head and cfg.head_dim * cfg.n_head == cfg.d_model,
@@ -166,37 +139,20 @@ def export_family(cfg: ModelConfig) -> Family:
              "GPT-2 needs n_kv_head == n_head and head_dim * n_head == d_model")
         return "gpt2"
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "gated":
-        return "llama"
+        # the family it was imported from if that still fits (Phi-3 stays Phi-3), else the first that does
+        source = str(((cfg.extra or {}).get("source") or {}).get("model_type"))
+        own = [f for f, (_, mt, _) in DECODERS.items() if mt == source]
+        for fam in own + list(_EXPORT_ORDER):
+            if not fits(cfg, fam):
+                return fam
+        raise LlmkitError(f"this checkpoint cannot be exported to Hugging Face: no transformers family has all of "
+                          f"{', '.join(sorted(fits(cfg, 'gemma3') | fits(cfg, 'llama')))}")
     raise LlmkitError(f"this checkpoint cannot be exported to Hugging Face: pos={cfg.pos}, norm={cfg.norm}, "
-                      f"mlp={cfg.mlp} matches neither GPT-2 (learned/layernorm/standard) nor Llama (rope/rmsnorm/gated)")
+                      f"mlp={cfg.mlp} matches neither GPT-2 (learned/layernorm/standard) nor a Llama-like "
+                      "decoder (rope/rmsnorm/gated)")
 
 
 # ----------------------------------------------------------------------------------------------- name maps
-
-
-@dataclass(frozen=True)
-class Rule:
-    """llmkit tensor `ours` <- HF tensors `theirs` by `how`: copy, transpose (Conv1D) or cat (q,k,v rows)."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    how: Literal["copy", "t", "cat"] = "copy"
-    optional: bool = False  # zero-filled on export when the llmkit model has no such tensor (bias=False)
-
-
-def _linear(ours: str, theirs: str, bias: bool, how: Literal["copy", "t"] = "copy",
-            always_bias: bool = False) -> list[Rule]:
-    rules = [Rule(f"{ours}.weight", (f"{theirs}.weight",), how)]
-    if bias or always_bias:
-        rules.append(Rule(f"{ours}.bias", (f"{theirs}.bias",), optional=not bias))
-    return rules
-
-
-def _norm(ours: str, theirs: str, with_bias: bool, have_bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{ours}.weight", (f"{theirs}.weight",))]
-    if with_bias:
-        rules.append(Rule(f"{ours}.bias", (f"{theirs}.bias",), optional=not have_bias))
-    return rules
 
 
 def rules_for(cfg: ModelConfig, family: Family, head: bool) -> list[Rule]:
@@ -208,48 +164,35 @@ def rules_for(cfg: ModelConfig, family: Family, head: bool) -> list[Rule]:
         r += [Rule("tok_emb.weight", ("wte.weight",)), Rule("pos_emb.weight", ("wpe.weight",))]
         for i in range(cfg.n_layer):
             o, h = f"blocks.{i}", f"h.{i}"
-            r += _norm(f"{o}.norm1", f"{h}.ln_1", True, ln_bias)
-            r += _linear(f"{o}.attn.qkv", f"{h}.attn.c_attn", b, "t", always_bias=True)
-            r += _linear(f"{o}.attn.proj", f"{h}.attn.c_proj", b, "t", always_bias=True)
-            r += _norm(f"{o}.norm2", f"{h}.ln_2", True, ln_bias)
-            r += _linear(f"{o}.mlp.fc", f"{h}.mlp.c_fc", b, "t", always_bias=True)
-            r += _linear(f"{o}.mlp.proj", f"{h}.mlp.c_proj", b, "t", always_bias=True)
-        r += _norm("final_norm", "ln_f", True, ln_bias)
-    elif family == "llama":
-        r.append(Rule("tok_emb.weight", ("embed_tokens.weight",)))
-        for i in range(cfg.n_layer):
-            o, h = f"blocks.{i}", f"layers.{i}"
-            r += _norm(f"{o}.norm1", f"{h}.input_layernorm", False)
-            qkv = tuple(f"{h}.self_attn.{p}_proj" for p in "qkv")
-            r.append(Rule(f"{o}.attn.qkv.weight", tuple(f"{n}.weight" for n in qkv), "cat"))
-            if b:
-                r.append(Rule(f"{o}.attn.qkv.bias", tuple(f"{n}.bias" for n in qkv), "cat"))
-            r += _linear(f"{o}.attn.proj", f"{h}.self_attn.o_proj", b)
-            r += _norm(f"{o}.norm2", f"{h}.post_attention_layernorm", False)
-            r += _linear(f"{o}.mlp.gate", f"{h}.mlp.gate_proj", b)
-            r += _linear(f"{o}.mlp.fc", f"{h}.mlp.up_proj", b)
-            r += _linear(f"{o}.mlp.proj", f"{h}.mlp.down_proj", b)
-        r += _norm("final_norm", "norm", False)
+            r += norm(f"{o}.norm1", f"{h}.ln_1", True, ln_bias)
+            r += linear(f"{o}.attn.qkv", f"{h}.attn.c_attn", b, "t", always_bias=True)
+            r += linear(f"{o}.attn.proj", f"{h}.attn.c_proj", b, "t", always_bias=True)
+            r += norm(f"{o}.norm2", f"{h}.ln_2", True, ln_bias)
+            r += linear(f"{o}.mlp.fc", f"{h}.mlp.c_fc", b, "t", always_bias=True)
+            r += linear(f"{o}.mlp.proj", f"{h}.mlp.c_proj", b, "t", always_bias=True)
+        r += norm("final_norm", "ln_f", True, ln_bias)
+    elif family in DECODERS:
+        r = decoder_rules(cfg, family)
     else:
         e = "embeddings"
         r += [Rule("tok_emb.weight", (f"{e}.word_embeddings.weight",)),
               Rule("pos_emb.weight", (f"{e}.position_embeddings.weight",))]
         if cfg.type_vocab_size:
             r.append(Rule("type_emb.weight", (f"{e}.token_type_embeddings.weight",)))
-        r += _norm("emb_norm", f"{e}.LayerNorm", True)
+        r += norm("emb_norm", f"{e}.LayerNorm", True)
         for i in range(cfg.n_layer):
             o, h = f"blocks.{i}", f"encoder.layer.{i}"
             qkv = tuple(f"{h}.attention.self.{p}" for p in ("query", "key", "value"))
             r.append(Rule(f"{o}.attn.qkv.weight", tuple(f"{n}.weight" for n in qkv), "cat"))
             r.append(Rule(f"{o}.attn.qkv.bias", tuple(f"{n}.bias" for n in qkv), "cat", optional=not b))
-            r += _linear(f"{o}.attn.proj", f"{h}.attention.output.dense", b, always_bias=True)
-            r += _norm(f"{o}.norm1", f"{h}.attention.output.LayerNorm", True)
-            r += _linear(f"{o}.mlp.fc", f"{h}.intermediate.dense", b, always_bias=True)
-            r += _linear(f"{o}.mlp.proj", f"{h}.output.dense", b, always_bias=True)
-            r += _norm(f"{o}.norm2", f"{h}.output.LayerNorm", True)
+            r += linear(f"{o}.attn.proj", f"{h}.attention.output.dense", b, always_bias=True)
+            r += norm(f"{o}.norm1", f"{h}.attention.output.LayerNorm", True)
+            r += linear(f"{o}.mlp.fc", f"{h}.intermediate.dense", b, always_bias=True)
+            r += linear(f"{o}.mlp.proj", f"{h}.output.dense", b, always_bias=True)
+            r += norm(f"{o}.norm2", f"{h}.output.LayerNorm", True)
         if head:  # BertForMaskedLM's prediction head lives outside the `bert.` base model
-            r += _linear("mlm_dense", "@cls.predictions.transform.dense", True)
-            r += _norm("mlm_norm", "@cls.predictions.transform.LayerNorm", True)
+            r += linear("mlm_dense", "@cls.predictions.transform.dense", True)
+            r += norm("mlm_norm", "@cls.predictions.transform.LayerNorm", True)
             r.append(Rule("lm_bias", ("@cls.predictions.bias",)))
     if not cfg.tie_embeddings:
         r.append(Rule("lm_head.weight", ("@cls.predictions.decoder.weight" if family == "bert" else "@lm_head.weight",)))
@@ -288,7 +231,10 @@ def state_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, family: Family,
         keys = [_hf_key(t, family) for t in r.theirs]
         used.update(keys)
         ts = [sd[k].float() for k in keys]
-        t = ts[0].t() if r.how == "t" else torch.cat(ts, 0) if r.how == "cat" else ts[0]
+        if r.how == "half":  # one half of a fused HF tensor's rows (Phi-3 gate_up_proj)
+            t = ts[0].chunk(2, 0)[r.part]
+        else:
+            t = ts[0].t() if r.how == "t" else torch.cat(ts, 0) if r.how == "cat" else ts[0]
         want = expected.get(r.ours)
         if want is not None and t.shape != want:
             raise LlmkitError(f"tensor {keys[0]} has shape {tuple(ts[0].shape)}, which does not fit llmkit's "
@@ -303,6 +249,7 @@ def state_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, family: Family,
 def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, family: Family, head: bool) -> dict[str, torch.Tensor]:
     """llmkit state dict -> HF tensors (full HF key names); missing optional biases become zeros."""
     out: dict[str, torch.Tensor] = {}
+    halves: dict[str, list[torch.Tensor]] = {}
     sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
     for r in rules_for(cfg, family, head):
         keys = [_hf_key(t, family) for t in r.theirs]
@@ -318,6 +265,10 @@ def state_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, family: Family, h
         elif r.how == "cat":
             for k, part in zip(keys, t.split(sizes, 0)):
                 out[k] = part.contiguous()
+        elif r.how == "half":  # rules list part 0 before part 1
+            halves.setdefault(keys[0], []).append(t)
+            if len(halves[keys[0]]) == 2:
+                out[keys[0]] = torch.cat(halves.pop(keys[0]), 0).contiguous()
         else:
             out[keys[0]] = t.contiguous()
     if family == "bert" and cfg.type_vocab_size == 0:  # HF BERT always has segment embeddings: one zero row

@@ -1,7 +1,8 @@
 """`ModelConfig`: one dataclass describes every architecture llmkit builds; presets are named configs.
 
-Architecture differences are data (norm, mlp, positions, attention groups), not separate classes,
-so GPT-2, Llama, BERT, the original encoder-decoder and the LSTM baseline share one code path.
+Architecture differences are data (norm, mlp, positions, attention groups, biases, qk-norm, sandwich norms,
+soft-capping, sliding windows, RoPE variants), not separate classes, so GPT-2, Llama, Qwen2/3, Mistral,
+Phi-3, Gemma 2/3, BERT, the original encoder-decoder and the LSTM baseline share one code path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Literal
 from llmkit.errors import LlmkitError
 
 Arch = Literal["decoder", "encoder", "seq2seq", "lstm"]
+LayerType = Literal["global", "local"]  # full causal attention / sliding-window attention
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
 
 
 @dataclass
@@ -45,6 +48,17 @@ class ModelConfig:
     embed_scale: bool = False  # original Transformer: embeddings * sqrt(d_model)
     n_decoder_layer: int | None = None  # seq2seq only: decoder depth (None -> n_layer)
     pad_token_id: int | None = None
+    qkv_bias: bool | None = None  # None -> `bias`; Qwen2: biases on q/k/v only
+    qk_norm: bool = False  # Qwen3/Gemma3: RMSNorm over each head's q and k before RoPE
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), weights stored as w
+    post_norms: bool = False  # Gemma2/3: also norm the attention and MLP outputs before the residual add
+    attn_scale: float | None = None  # None -> 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5
+    attn_softcap: float | None = None  # Gemma2: scores -> c * tanh(scores / c) before the mask
+    logit_softcap: float | None = None  # Gemma2: logits -> c * tanh(logits / c)
+    sliding_window: int | None = None  # local layers see the last `sliding_window` positions (self included)
+    layer_types: list[LayerType] | None = None  # None -> all "local" if sliding_window is set, else all "global"
+    rope_local_theta: float | None = None  # Gemma3: plain RoPE base of local layers (None -> the global tables)
+    rope_scaling: dict[str, Any] | None = None  # {"type": linear|llama3|yarn, "factor": ..., ...}
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (source model, ...)
 
     def __post_init__(self) -> None:
@@ -69,6 +83,25 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise LlmkitError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= {"global", "local"}:
+                raise LlmkitError(f"layer_types must list 'global' or 'local' for each of the {self.n_layer} layers, "
+                                  f"got {self.layer_types}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise LlmkitError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if "local" in self.layer_kinds and self.sliding_window is None:
+            raise LlmkitError("layer_types has 'local' layers but sliding_window is not set")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ROPE_SCALINGS:
+            raise LlmkitError(f"RoPE scaling {self.rope_scaling.get('type')!r} is not supported; "
+                              f"llmkit has {', '.join(ROPE_SCALINGS)}")
+
+    @property
+    def layer_kinds(self) -> list[LayerType]:
+        """The attention kind of every layer (explicit `layer_types`, or all local/global from `sliding_window`)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return ["local" if self.sliding_window is not None else "global"] * self.n_layer
 
     @property
     def causal(self) -> bool:

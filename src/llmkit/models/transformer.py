@@ -1,4 +1,5 @@
-"""One config-driven Transformer: GPT-2, Llama, BERT and the original encoder-decoder are `ModelConfig` data.
+"""One config-driven Transformer: GPT-2, Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3, BERT and the original
+encoder-decoder are `ModelConfig` data.
 
 Notation in shape comments: B batch, T query length, S key length, C d_model, nh query heads,
 nkv key/value heads, hd head_dim, V vocab_size.
@@ -16,6 +17,7 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.models.config import ModelConfig
 from llmkit.models.kv_cache import KVCache
+from llmkit.models.rope import rope_tables, rotate_half
 
 
 class LMOutput(NamedTuple):
@@ -26,10 +28,24 @@ class LMOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------- building blocks
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+class OffsetRMSNorm(nn.RMSNorm):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w), computed in fp32; w starts at 0 (HF stores w, not 1 + w)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (d_model unless given: qk-norm normalises head_dim)."""
+    d = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias or cfg.arch != "decoder")
+        return OffsetRMSNorm(d, eps=cfg.norm_eps) if cfg.norm_unit_offset else nn.RMSNorm(d, eps=cfg.norm_eps)
+    return nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias or cfg.arch != "decoder")
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -58,19 +74,6 @@ class MLP(nn.Module):
         return self.proj(activation(self.act, self.fc(x)))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_tables(cfg: ModelConfig, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (n_pos, hd) for rotary embeddings, half-split layout as in Llama."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-    freqs = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)  # (n_pos, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
 def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...) (Vaswani et al. 2017)."""
     pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
@@ -81,6 +84,20 @@ def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
     return pe
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         is_causal: bool, scale: float, cap: float, dropout: float) -> torch.Tensor:
+    """Gemma2: softmax(c * tanh(Q K^T * scale / c) + mask) V; SDPA cannot cap, so the scores are explicit."""
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, S)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None and is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
+    return p @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads; self-attention (fused qkv) or cross-attention."""
 
@@ -89,12 +106,17 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.causal, self.cross, self.rope = causal, cross, cfg.pos == "rope" and not cross
         self.dropout = cfg.dropout
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         if cross:
             self.q = nn.Linear(cfg.d_model, self.nh * self.hd, bias=cfg.bias)
             self.kv = nn.Linear(cfg.d_model, 2 * self.nkv * self.hd, bias=cfg.bias)
         else:
-            self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
+            self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=qkv_bias)
         self.proj = nn.Linear(self.nh * self.hd, cfg.d_model, bias=cfg.bias)
+        # Qwen3/Gemma3: RMSNorm over each head's q and k (before RoPE)
+        self.q_norm = make_norm(cfg, self.hd) if cfg.qk_norm and not cross else None
+        self.k_norm = make_norm(cfg, self.hd) if cfg.qk_norm and not cross else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -113,35 +135,43 @@ class Attention(nn.Module):
         else:
             qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd)
             q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-            q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-            k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+            q = q.view(B, T, self.nh, self.hd)
+            k = k.view(B, T, self.nkv, self.hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.transpose(1, 2)  # (B, nh, T, hd)
+            k = k.transpose(1, 2)  # (B, nkv, T, hd)
             v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
             if rope is not None:
                 cos, sin = rope  # (B, 1, T, hd)
                 q = q * cos + rotate_half(q) * sin
                 k = k * cos + rotate_half(k) * sin
             if cache is not None:
-                start, end = cache.pos, cache.pos + T
-                cache.k[layer][:, :, start:end] = k
-                cache.v[layer][:, :, start:end] = v
-                k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (B, nkv, S, hd)
+                k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): cached keys + this step's
         if self.nkv != self.nh:  # grouped-query attention: share each KV head across nh/nkv query heads
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        # softmax(Q K^T / sqrt(hd) + mask) V
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:
+            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.hd)
+            y = softcapped_attention(q, k, v, mask, is_causal, scale, self.softcap, dropout)
+        else:  # softmax(Q K^T * scale + mask) V, scale = 1/sqrt(hd) unless configured
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Attention + MLP with residuals; pre-norm (GPT/Llama) or post-norm (BERT/original); optional cross-attention."""
+    """Attention + MLP with residuals; pre-norm (GPT/Llama), sandwich (Gemma: pre + post norms) or post-norm
+    (BERT/original); optional cross-attention."""
 
     def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
         super().__init__()
         self.prenorm = cfg.prenorm
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal)
+        self.attn_post_norm = make_norm(cfg) if cfg.post_norms else None
+        self.mlp_post_norm = make_norm(cfg) if cfg.post_norms else None
         if cross:
             self.norm_cross = make_norm(cfg)
             self.cross_attn = Attention(cfg, causal=False, cross=True)
@@ -156,13 +186,15 @@ class Block(nn.Module):
                 layer: int = 0, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
-            return self.drop(self.attn(h, mask, is_causal, rope, cache, layer))
+            h = self.attn(h, mask, is_causal, rope, cache, layer)
+            return self.drop(h if self.attn_post_norm is None else self.attn_post_norm(h))
 
         def cross(h: torch.Tensor) -> torch.Tensor:
             return self.drop(self.cross_attn(h, memory_mask, False, cache=cache, layer=layer, memory=memory))
 
         def mlp(h: torch.Tensor) -> torch.Tensor:
-            return self.drop(self.mlp(h))
+            h = self.mlp(h)
+            return self.drop(h if self.mlp_post_norm is None else self.mlp_post_norm(h))
 
         if self.prenorm:
             x = x + attn(self.norm1(x))
@@ -179,29 +211,39 @@ class Block(nn.Module):
 
 
 def attention_mask_for(causal: bool, T: int, attention_mask: torch.Tensor | None,
-                       cache: KVCache | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+                       cache: KVCache | None, device: torch.device, window: int | None = None,
+                       ring: bool = False) -> tuple[torch.Tensor | None, bool]:
     """Return (bool mask (B,1,T,S) or None, is_causal) for SDPA. True = may attend.
 
-    Fast paths: no padding + no cache -> `is_causal`; single-token decode without padding -> no mask.
-    Every query may attend to itself, so rows of padding never become all -inf (NaN).
+    `window`: a local layer's sliding window (query q sees keys k with q - k < window); `ring`: its keys
+    come from the cache's bounded ring buffer (see `KVCache.update`). Fast paths: no padding + no cache ->
+    `is_causal`; single-token decode without padding, all keys in the window -> no mask. Every query may
+    attend to itself, so rows of padding never become all -inf (NaN).
     """
     start = cache.pos if cache is not None else 0
     end = start + T
     if cache is not None:
         cache.valid[:, start:end] = True if attention_mask is None else attention_mask.bool()
-        key_valid = cache.valid[:, :end]
+        k_pos, key_valid = cache.key_positions(T, ring)  # (S,), (B, S)
         padded = not bool(key_valid.all())
     else:
+        k_pos = torch.arange(end, device=device)
         key_valid = attention_mask.bool() if attention_mask is not None else None
         padded = key_valid is not None and not bool(key_valid.all())
-    if not padded:
+    windowed = False
+    if window is not None:  # does some key lie outside a query's window?
+        oldest = int(k_pos[key_valid.any(0)].min()) if padded else int(k_pos.min())
+        windowed = end - 1 - oldest >= window
+    if not padded and not windowed:
         if not causal or (cache is not None and T == 1):
             return None, False
         if start == 0:
             return None, True
     q_pos = torch.arange(start, end, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(end, device=device)[None, :]  # (1, S)
-    m = (k_pos <= q_pos) if causal else torch.ones(T, end, dtype=torch.bool, device=device)
+    k_pos = k_pos[None, :]  # (1, S)
+    m = (k_pos <= q_pos) if causal else torch.ones(T, k_pos.size(1), dtype=torch.bool, device=device)
+    if windowed:
+        m = m & (q_pos - k_pos < window)
     m = m[None, None]  # (1, 1, T, S)
     if padded:
         m = m & key_valid[:, None, None, :]
@@ -226,6 +268,10 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            if cfg.rope_local_theta is not None:  # Gemma3: local layers rotate with their own base
+                cos, sin = rope_tables(cfg, cfg.block_size, local=True)
+                self.register_buffer("rope_local_cos", cos, persistent=False)
+                self.register_buffer("rope_local_sin", sin, persistent=False)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -288,6 +334,14 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[position_ids][:, None].to(x.dtype), self.rope_sin[position_ids][:, None].to(x.dtype))
         return self.drop(x), rope
 
+    def _local_rope(self, position_ids: torch.Tensor | None, T: int, start: int, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables (B, 1, T, hd) of the local layers' own base (Gemma3)."""
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=self.rope_local_cos.device)[None]
+        return (self.rope_local_cos[position_ids][:, None].to(dtype),
+                self.rope_local_sin[position_ids][:, None].to(dtype))
+
     # -- trunk -------------------------------------------------------------------------------------------
     def hidden(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
@@ -305,19 +359,33 @@ class Transformer(nn.Module):
             raise LlmkitError(f"the KV cache holds {cache.max_len} positions but {start + T} are needed; "
                               "allocate a larger cache")
         x, rope = self.embed(idx, position_ids, token_type_ids, start)
+        kinds = self.cfg.layer_kinds
         mask, is_causal = attention_mask_for(self.cfg.causal, T, attention_mask, cache, idx.device)
+        per_kind = {"global": (mask, is_causal, rope)}
+        if "local" in kinds:  # sliding-window layers: their own mask (and RoPE base, Gemma3)
+            ring = cache is not None and cache.bounded
+            local_mask = attention_mask_for(self.cfg.causal, T, attention_mask, cache, idx.device,
+                                            self.cfg.sliding_window, ring)
+            local_rope = rope
+            if self.cfg.rope_local_theta is not None:
+                local_rope = self._local_rope(position_ids, T, start, x.dtype)
+            per_kind["local"] = (*local_mask, local_rope)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, is_causal, rope, cache, i)
+            m, c, r = per_kind[kinds[i]]
+            x = block(x, m, c, r, cache, i)
         if cache is not None:
             cache.pos += T
         return self.final_norm(x) if self.final_norm is not None else x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (B, T, V) from hidden states (MLM transform first for encoders)."""
+        """Vocabulary logits (B, T, V) from hidden states (MLM transform first for encoders; Gemma2 soft-caps)."""
         if self.cfg.arch == "encoder":
             h = self.mlm_norm(activation(self.cfg.activation, self.mlm_dense(h)))
             return self.lm_head(h) + self.lm_bias
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        if self.cfg.logit_softcap is not None:  # c * tanh(logits / c)
+            logits = torch.tanh(logits / self.cfg.logit_softcap) * self.cfg.logit_softcap
+        return logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -368,10 +436,14 @@ class Transformer(nn.Module):
                                ignore_index=-100, label_smoothing=label_smoothing)
         return LMOutput(logits, loss)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A KV cache sized for `batch` sequences of up to `max_len` tokens, on the model's device/dtype."""
+    def new_cache(self, batch: int, max_len: int, bounded: bool = True) -> KVCache:
+        """A KV cache sized for `batch` sequences of up to `max_len` tokens, on the model's device/dtype.
+
+        bounded: local (sliding-window) layers keep only their window in a ring buffer, so long generations
+        use bounded memory; False gives every layer a full-length buffer (the server shifts rows in place).
+        """
         p = self.tok_emb.weight
         n_layer = len(self.dec_blocks) if self.cfg.arch == "seq2seq" else self.cfg.n_layer
-        return KVCache(self.cfg, batch, max_len, p.device, p.dtype, n_layer=n_layer)
+        return KVCache(self.cfg, batch, max_len, p.device, p.dtype, n_layer=n_layer, bounded=bounded)
 
 

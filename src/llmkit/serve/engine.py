@@ -85,7 +85,7 @@ class Engine:
         self.block_size = min(cfg.block_size, max_context or cfg.block_size)
         self.device = next(model.parameters()).device
         slack = max(16, self.block_size // 2)  # positions the shared window can advance between compactions
-        self.cache: KVCache = model.new_cache(max_batch, self.block_size + slack)
+        self.cache: KVCache = model.new_cache(max_batch, self.block_size + slack, bounded=False)  # rows shift in place
         self.slots: list[GenRequest | None] = [None] * max_batch
         self.pending: queue.SimpleQueue[GenRequest | Callable[[], None]] = queue.SimpleQueue()
         self.on_step = on_step  # metrics hook: (tokens produced this step, seconds)
@@ -231,7 +231,7 @@ class Engine:
             self._finish(req, "length")
             return
         self.stats["prefills"] += 1
-        one = self.model.new_cache(1, n)
+        one = self.model.new_cache(1, n, bounded=False)
         idx = torch.tensor([req.prompt_ids], device=self.device)
         logits = self.model(idx, cache=one, last_only=True).logits[:, -1]  # (1, V)
         slot = self.slots.index(None)
