@@ -150,3 +150,83 @@ def test_unsupported_variants_are_one_line_exit_2_and_write_nothing(tmp_path, ca
     err = _cli_error(capsys, ["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "out")])
     assert needle in err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ GGUF path
+
+# family -> (GGUF arch, config overrides): llama.cpp files Mistral as `llama` (+ its sliding window) and
+# scales Gemma queries by 1/sqrt(head_dim), so the Gemma 2 model here has query_pre_attn_scalar = head_dim
+GGUF_FAMILIES = {"qwen2": ("qwen2", {}), "qwen3-yarn": ("qwen3", {}), "mistral": ("llama", {}), "phi3": ("phi3", {}),
+                 "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}), "gemma3": ("gemma3", {})}
+
+
+def write_gguf(ref: Any, arch: str, path: Path) -> None:
+    """An F32 GGUF of `ref` the way llama.cpp's convert_hf_to_gguf.py lays it out, with gguf-py's own name map."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    n_head, n_kv = c.num_attention_heads, c.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    if getattr(c, "head_dim", None):  # convert_hf_to_gguf writes key/value_length only when the config has head_dim
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] != "default":
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["rope_type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if getattr(c, "sliding_window", None) is not None:
+        w.add_sliding_window(c.sliding_window)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, key, None) is not None:
+            getattr(w, f"add_{key}")(getattr(c, key))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        data = t.detach().float().numpy().copy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's LlamaModel.permute
+            h = n_head if "q_proj" in name else n_kv
+            data = data.reshape(h, 2, data.shape[0] // h // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp stores Gemma's (1 + w)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", list(GGUF_FAMILIES))
+def test_gguf_import_equals_hf_import(tmp_path, name):
+    arch, overrides = GGUF_FAMILIES[name]
+    cls, kw = FAMILIES[name]
+    FAMILIES[f"{name}-gguf"] = (cls, {**kw, **overrides})
+    try:
+        ref = hf_reference(f"{name}-gguf", tmp_path / "hf")
+    finally:
+        del FAMILIES[f"{name}-gguf"]
+    write_gguf(ref, arch, tmp_path / "m.gguf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "via-hf"))
+    from_hf(str(tmp_path / "m.gguf"), str(tmp_path / "via-gguf"))
+    a, _ = load_model(tmp_path / "via-hf")
+    b, _ = load_model(tmp_path / "via-gguf")
+    strip = ("extra", "pad_token_id")
+    assert {k: v for k, v in a.cfg.to_dict().items() if k not in strip} == \
+        {k: v for k, v in b.cfg.to_dict().items() if k not in strip}
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:  # exact, except Gemma norms: (w + 1) - 1 rounds in fp32
+        assert torch.allclose(sa[k], sb[k], rtol=0, atol=1e-6 if name.startswith("gemma") else 0), k
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max().item() <= ATOL

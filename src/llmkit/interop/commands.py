@@ -14,7 +14,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.interop import hf as hfmap
-from llmkit.interop.gguf import hf_config_dict, load_gguf
+from llmkit.interop.gguf import read_gguf
 from llmkit.interop.hf_tokenizer import (
     save_for_transformers,
     tokenizer_from_folder,
@@ -74,7 +74,8 @@ def from_hf(src: str, out: str) -> Path:
     Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2/2.5),
     Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B),
     BertModel and BertForMaskedLM from config.json + model.safetensors (sharded too) or pytorch_model.bin
-    (loaded with weights_only=True); GGUF files through transformers' loader, dequantised to fp32.
+    (loaded with weights_only=True); GGUF files of the llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2
+    architectures, dequantised to fp32 (tokenizer from the file's metadata through transformers).
 
     Args:
         src: a Hugging Face model folder (config.json + weights + tokenizer.json), or a .gguf file.
@@ -92,9 +93,8 @@ def from_hf(src: str, out: str) -> Path:
         if path.suffix != ".gguf":
             raise LlmkitError(f"{src} is a file but not a .gguf; give the model's folder (with config.json)")
 
-        hf_model, hf_tok = load_gguf(path)
-        hf, sd = hf_config_dict(hf_model), hf_model.state_dict()
-        tok: Tokenizer | None = tokenizer_from_transformers(hf_tok)
+        hf, sd, hf_tok = read_gguf(path)
+        tok: Tokenizer | None = None if hf_tok is None else tokenizer_from_transformers(hf_tok)
     else:
         hf = hfmap.read_hf_config(path)
         hfmap.family_of(hf)  # fail on an unknown architecture before reading gigabytes of weights
