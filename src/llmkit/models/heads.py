@@ -1,4 +1,5 @@
-"""Task heads on the Transformer trunk: sequence classification and token classification (NER).
+"""Task heads on the Transformer trunk: sequence classification, token classification (NER) and BERT's
+next-sentence prediction (pooler + 2-way linear, pretrained beside the MLM head).
 
 A fine-tuned model is one `TaskModel` (backbone + named heads), saved as one model.safetensors with the
 head specs in config.json, so `load_task_model(folder)` rebuilds it in one call.
@@ -20,7 +21,7 @@ from llmkit.models.config import ModelConfig
 from llmkit.tokenizer import Tokenizer
 
 Pooling = Literal["cls", "mean", "last"]
-HeadKind = Literal["classify", "ner"]
+HeadKind = Literal["classify", "ner", "nsp"]
 
 
 def pool(h: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -67,6 +68,27 @@ class TokenClassificationHead(nn.Module):
         return self.out(self.drop(h))
 
 
+class NSPHead(nn.Module):
+    """BERT's pooler, tanh(W h_[CLS] + b), then a linear to (B, 2) logits: 0 = B follows A, 1 = B is random.
+
+    Same layout as transformers' `bert.pooler.dense` + `cls.seq_relationship` (no dropout in between).
+    """
+
+    def __init__(self, d_model: int, n_labels: int = 2):
+        super().__init__()
+        self.pooler = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, n_labels)
+        for lin in (self.pooler, self.out):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.pooler(h[:, 0])))  # (B, 2)
+
+
+NSP_LABELS = ["is_next", "random"]  # transformers' next_sentence_label: 0 = continuation, 1 = random
+
+
 def make_head(spec: dict[str, Any], d_model: int) -> nn.Module:
     """Build a head from its spec {"kind", "labels", "pooling"?, "dropout"?} (as stored in config.json)."""
     n = len(spec["labels"])
@@ -74,7 +96,9 @@ def make_head(spec: dict[str, Any], d_model: int) -> nn.Module:
         return ClassificationHead(d_model, n, spec.get("pooling", "cls"), spec.get("dropout", 0.1))
     if spec["kind"] == "ner":
         return TokenClassificationHead(d_model, n, spec.get("dropout", 0.1))
-    raise LlmkitError(f"unknown head kind {spec['kind']!r}; expected classify or ner")
+    if spec["kind"] == "nsp":
+        return NSPHead(d_model, n)
+    raise LlmkitError(f"unknown head kind {spec['kind']!r}; expected classify, ner or nsp")
 
 
 def default_pooling(arch: str) -> Pooling:
@@ -103,12 +127,26 @@ class TaskModel(nn.Module):
         h = self.backbone.hidden(input_ids, attention_mask=attention_mask)  # (B, T, C)
         return self.heads[task](h, attention_mask)
 
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def pretraining_logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT pretraining: (MLM logits (B, T, V) from the backbone's head, NSP logits (B, 2) from "nsp")."""
+        h = self.backbone.hidden(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return self.backbone.logits(h), self.heads["nsp"](h, attention_mask)
+
     def loss(self, task: str, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None = None
              ) -> torch.Tensor:
         """Cross-entropy of one head on its batch (labels -100 are ignored: padding, non-first sub-tokens)."""
         logits = self(task, batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch["labels"].reshape(-1),
                                weight=class_weights, ignore_index=-100)
+
+
+def nsp_model(backbone: nn.Module) -> TaskModel:
+    """An encoder with BERT's pooler + NSP head beside its MLM head (transformers' BertForPreTraining)."""
+    return TaskModel(backbone, {"nsp": {"kind": "nsp", "labels": list(NSP_LABELS)}})
 
 
 def save_task_model(folder: str | Path, model: TaskModel, tokenizer: Any, task: str,

@@ -21,9 +21,11 @@ from llmkit.errors import LlmkitError
 from llmkit.models.build import build_model
 from llmkit.models.checkpoint import load_training_state, save_checkpoint
 from llmkit.models.config import PRESETS, ModelConfig, preset
+from llmkit.models.heads import nsp_model
 from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer, train_from_iterator
 from llmkit.train.loop import TrainConfig, dist_info, fit, init_distributed
+from llmkit.train.nsp import nsp_task
 
 
 class LMTask:
@@ -132,7 +134,7 @@ def _check_same(saved: ModelConfig, wanted: ModelConfig) -> None:
 
 def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: str = "gpt2-tiny",
              model_config: str | None = None, tokenizer: str | None = None,
-             objective: Literal["auto", "clm", "mlm"] = "auto", vocab_size: int | None = None,
+             objective: Literal["auto", "clm", "mlm", "mlm+nsp"] = "auto", vocab_size: int | None = None,
              block_size: int | None = None, n_layer: int | None = None, n_head: int | None = None,
              d_model: int | None = None, dropout: float | None = None,
              max_steps: int = 1000, batch_size: int = 12, grad_accum: int = 1, lr: float = 1e-3,
@@ -149,7 +151,8 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
         preset_name: gpt2-tiny, gpt2-small, llama-tiny, bert-tiny, lstm-tiny, char-shakespeare, ...
         model_config: a JSON file of ModelConfig fields used instead of the preset.
         tokenizer: tokenizer folder for a raw corpus; default trains one suited to the preset.
-        objective: clm (next token) or mlm (masked LM); auto = mlm for encoders, clm otherwise.
+        objective: clm (next token), mlm (masked LM) or mlm+nsp (masked LM + next-sentence prediction on
+            sentence pairs from the raw corpus' documents); auto = mlm for encoders, clm otherwise.
         vocab_size: override the preset (also the size of a tokenizer trained here).
         block_size: override the context length.
         n_layer: override the number of layers.
@@ -179,6 +182,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
         llmkit pretrain --data bible --out runs/bible-gpt --preset_name gpt2-tiny --max_steps 1000
         llmkit pretrain --data shakespeare.txt --out runs/shakespeare --preset_name char-shakespeare --max_steps 2000
         llmkit pretrain --data bible --out runs/bible-gpt --preset_name gpt2-tiny --max_steps 2000 --resume true
+        llmkit pretrain --data bible --out runs/bert-nsp --preset_name bert-tiny --objective mlm+nsp --max_steps 1000
         torchrun --nproc_per_node 2 -m llmkit pretrain --data bible --out runs/ddp --batch_size 6
     """
     rank, world, device = init_distributed(device)
@@ -213,8 +217,11 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
             cfg_dict[derived] = PRESETS.get(preset_name, {}).get(derived)
     cfg_dict["pad_token_id"] = tok.pad_id
     cfg = ModelConfig.from_dict(cfg_dict)
-    obj: Literal["clm", "mlm"] = ("mlm" if cfg.arch == "encoder" else "clm") if objective == "auto" else objective
-    if obj == "mlm" and cfg.arch != "encoder":
+    obj = ("mlm" if cfg.arch == "encoder" else "clm") if objective == "auto" else objective
+    if obj == "mlm+nsp" and (Path(data) / META).exists():
+        raise LlmkitError("mlm+nsp draws sentence pairs from documents; give the raw corpus (bible, a text file "
+                          "or a folder of .txt files), not a prepared folder")
+    if obj in ("mlm", "mlm+nsp") and cfg.arch != "encoder":
         raise LlmkitError(f"masked LM needs an encoder (bert-*) preset; {preset_name} is a {cfg.arch}")
     if obj == "clm" and cfg.arch not in ("decoder", "lstm"):
         raise LlmkitError(f"causal LM needs a decoder or lstm preset; {preset_name} is a {cfg.arch}")
@@ -232,16 +239,20 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
     else:
         torch.manual_seed(seed)
         model = build_model(cfg).to(device)
+        model = nsp_model(model) if obj == "mlm+nsp" else model
     if rank == 0:
         print(f"{cfg.arch} model, {model.num_params():,} parameters, {obj} objective; "
               f"{meta['n_train']:,} train / {meta['n_val']:,} val tokens; "
               f"{tcfg.batch_size * tcfg.grad_accum * world * cfg.block_size:,} tokens per step")
-    task = LMTask(train_ids, val_ids, cfg.block_size, batch_size, seed, obj, device, eval_batches,
-                  mask_id=tok.special_id("mask"),
-                  special_ids=[i for i in (tok.special_id(r) for r in tok.specials) if i is not None],
-                  vocab_size=cfg.vocab_size)
+    task = nsp_task(data, tok, cfg.block_size, batch_size, seed, device, eval_batches) if obj == "mlm+nsp" else \
+        LMTask(train_ids, val_ids, cfg.block_size, batch_size, seed, obj, device, eval_batches,
+               mask_id=tok.special_id("mask"),
+               special_ids=[i for i in (tok.special_id(r) for r in tok.specials) if i is not None],
+               vocab_size=cfg.vocab_size)
     run_model = torch.compile(model) if compile else model
-    run_meta = {"task": "mlm" if obj == "mlm" else "causal_lm", "data": str(folder), "train": vars(tcfg)}
+    run_meta = {"task": obj if obj != "clm" else "causal_lm", "data": str(folder), "train": vars(tcfg)}
+    if obj == "mlm+nsp":
+        run_meta["heads"] = model.specs  # backbone + NSP head: loads as a task model
 
     def save(kind: str, training_state: dict[str, Any]) -> None:
         if kind == "last":
