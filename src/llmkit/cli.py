@@ -33,6 +33,7 @@ COMMANDS: dict[str, Any] = {
     "train": {
         "seq2seq": ("llmkit.train.seq2seq:train_seq2seq", "train an encoder-decoder translator on parallel text; BLEU/chrF"),
     },
+    "distill": ("llmkit.train.distill:distill", "knowledge distillation: a small student on a teacher's soft targets"),
     "app": {
         "summarize": ("llmkit.apps.summarize:summarize", "summarize texts with a decoder; ROUGE-1/2/L given references"),
         "translate": ("llmkit.apps.translate:translate", "translate with a seq2seq or decoder checkpoint; BLEU/chrF"),

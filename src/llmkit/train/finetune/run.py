@@ -8,7 +8,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -134,9 +134,13 @@ def finetune(sources: Sequence[HeadSource], init: str, out: str, *, task: str, m
              weight_decay: float = 0.01, warmup_frac: float = 0.06, eval_every: int = 0, patience: int = 3,
              metric: str | None = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
              lora_r: int = 0, lora_alpha: float = 16.0, lora_targets: Sequence[str] = ("attn.qkv", "attn.proj"),
-             dropout: float | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+             dropout: float | None = None, device: str = "cpu", progress: bool = True,
+             wrap_task: Callable[[FinetuneTask], Any] | None = None) -> dict[str, Any]:
     """Train heads on a backbone; keep the best checkpoint (by the validation metric) in `out`; return the
-    best checkpoint's test (or validation) report, which is also written to out/eval_results.json."""
+    best checkpoint's test (or validation) report, which is also written to out/eval_results.json.
+
+    wrap_task: turns the task before training, e.g. `train.distill` adds a teacher's soft targets to the loss.
+    """
 
 
     backbone, tok = load_backbone(init, device)
@@ -183,7 +187,7 @@ def finetune(sources: Sequence[HeadSource], init: str, out: str, *, task: str, m
           + ", ".join(f"{h.name} {h.kind} {len(h.train)} train / {len(h.val or [])} val / {len(h.test or [])} test, "
                       f"{len(h.labels)} labels" for h in heads))
     t_train, cpu_train = time.perf_counter(), time.process_time()
-    fit(model, ftask, tcfg, out_dir, save, progress=progress)
+    fit(model, wrap_task(ftask) if wrap_task else ftask, tcfg, out_dir, save, progress=progress)
     wall_s, cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     train_s = wall_s - ftask.eval_seconds  # optimisation only: validation passes excluded
     if not has_val:  # nothing to pick the best by: keep the final weights
