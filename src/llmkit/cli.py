@@ -33,6 +33,14 @@ COMMANDS: dict[str, Any] = {
     "train": {
         "seq2seq": ("llmkit.train.seq2seq:train_seq2seq", "train an encoder-decoder translator on parallel text; BLEU/chrF"),
     },
+    "multimodal": {
+        "train": {
+            "clip": ("llmkit.train.multimodal:train_clip", "CLIP-style image-text model (ViT + text encoder, InfoNCE)"),
+            "caption": ("llmkit.train.multimodal:train_caption", "image captioner (decoder cross-attending to patches)"),
+        },
+        "search": ("llmkit.train.multimodal:search", "rank images for a text, or captions for an image (CLIP)"),
+        "caption": ("llmkit.train.multimodal:caption", "caption image files with a captioner checkpoint"),
+    },
     "distill": ("llmkit.train.distill:distill", "knowledge distillation: a small student on a teacher's soft targets"),
     "app": {
         "summarize": ("llmkit.apps.summarize:summarize", "summarize texts with a decoder; ROUGE-1/2/L given references"),

@@ -20,6 +20,7 @@ from llmkit.models.checkpoint import (
 )
 from llmkit.models.config import ModelConfig
 from llmkit.models.heads import load_task_model
+from llmkit.models.vision import load_multimodal
 from llmkit.tokenizer import Tokenizer
 
 
@@ -30,6 +31,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if "model" not in meta:
         raise LlmkitError(f"{folder / CONFIG} has no 'model' section; is this a Hugging Face folder? "
                           f"import it with `llmkit convert from-hf {folder} OUT`")
+    if "multimodal" in meta:  # CLIP or an image captioner (models/vision.py)
+        return load_multimodal(folder, device)
     if "heads" in meta:  # a fine-tuned checkpoint: backbone + task heads in one module
 
         task_model, _, meta = load_task_model(folder, device)
