@@ -15,6 +15,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's thread count (a command's --threads) must not change the numerics of the
+    tests after it: restore the count, so results do not depend on test order."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
     """Tiny Shakespeare from ../shared/data (tests/benchmarks only; never committed)."""

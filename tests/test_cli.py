@@ -85,3 +85,32 @@ def test_dashed_and_short_flags_are_accepted():
     args = ["ck", "--max-new-tokens", "3", "-k", "2", "--prompt+", "a-b", "--prompt=-x", "--not-a-flag"]
     assert _normalize_flags(fn, args) == ["ck", "--max_new_tokens", "3", "--k", "2", "--prompt+", "a-b",
                                           "--prompt=-x", "--not-a-flag"]
+
+
+def test_one_convention_for_data_out_and_preset():
+    """`--data/--out` work where a command takes them positionally, and `--preset`/`--preset_name` alias."""
+    from llmkit.cli import _normalize_flags
+
+    def seq2seq(data, out, *, preset="t", max_steps=1):
+        """Positional data and out."""
+
+    def pretrain(*, data="bible", out="runs", preset_name="g"):
+        """Flags only."""
+
+    assert _normalize_flags(seq2seq, ["--data", "d", "--out=o", "--max_steps", "2"]) == ["d", "o", "--max_steps", "2"]
+    assert _normalize_flags(seq2seq, ["--data", "d", "o"]) == ["d", "o"]
+    assert _normalize_flags(seq2seq, ["d", "--max_steps", "2", "--out", "o"]) == ["d", "--max_steps", "2", "o"]
+    assert _normalize_flags(seq2seq, ["--preset_name", "x"]) == ["--preset", "x"]
+    assert _normalize_flags(pretrain, ["--preset", "llama-tiny", "--data", "d"]) == ["--preset_name", "llama-tiny",
+                                                                                   "--data", "d"]
+
+
+def test_train_seq2seq_accepts_data_and_out_flags(tmp_path):
+    """The flag spelling reaches the command: a missing corpus is reported by the command itself."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "llmkit", "train", "seq2seq", "--data", str(tmp_path / "none.tsv"),
+                        "--out", str(tmp_path / "mt"), "--max_steps", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and "none.tsv" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,7 +1,13 @@
 """`llmkit` command line: each subcommand is a typed Python function; jsonargparse turns its signature into flags.
 
-Convention: positional-or-keyword parameters without a default are positional arguments (paths such as
-a checkpoint); keyword-only parameters (after `*`) are `--flags`. Commands are listed as "module:function" strings and imported only when run, so `llmkit generate` does
+Conventions, the same for every command:
+- the checkpoint (or file) a command works on is a positional argument (`llmkit generate CKPT`,
+  `llmkit finetune classify INIT`); everything else is a `--flag` (keyword-only parameters);
+- training data is `--data` and the folder written is `--out` everywhere; where a command's signature takes
+  them positionally (`train seq2seq DATA OUT`, `convert from-hf SRC OUT`) the flag spelling works too;
+- the model shape is `--preset` everywhere (`--preset_name` is kept as an alias), flags may be spelled with
+  dashes (`--max-new-tokens`), and one-letter parameters take one dash (`-k`).
+Commands are listed as "module:function" strings and imported only when run, so `llmkit generate` does
 not pay for importing the server or transformers.
 """
 
@@ -115,20 +121,66 @@ def _examples(fn: Any) -> str:
     return "examples:\n" + "\n".join("  " + line.strip() for line in body.strip().splitlines() if line.strip())
 
 
+ALIASES = {"preset_name": "preset", "preset": "preset_name", "output": "out", "out_dir": "out"}
+POSITIONAL_FLAGS = ("data", "out", "src", "checkpoint")  # positional parameters that may also be given as flags
+
+
 def _normalize_flags(fn: Any, args: list[str]) -> list[str]:
-    """Accept `--max-new-tokens` for `--max_new_tokens`, and `-k` for a one-letter parameter `k`."""
-    params = set(inspect.signature(fn).parameters)
+    """Accept `--max-new-tokens` for `--max_new_tokens`, `-k` for a one-letter parameter `k`, the aliases above,
+    and `--data D --out O` for a command whose signature takes DATA and OUT positionally."""
+    sig = inspect.signature(fn).parameters
+    params = set(sig)
     out = []
     for a in args:
-        if a.startswith("--") and "-" in a[2:]:
+        if a.startswith("--"):
             name, eq, value = a[2:].partition("=")
             base = name.rstrip("+")
-            if base.replace("-", "_") in params:
-                a = "--" + base.replace("-", "_") + name[len(base):] + eq + value
+            key = base.replace("-", "_")
+            if key not in params and ALIASES.get(key) in params:
+                key = ALIASES[key]
+            if key in params:
+                a = "--" + key + name[len(base):] + eq + value
         elif len(a) == 2 and a[0] == "-" and a[1] in params:
             a = "-" + a
         out.append(a)
-    return out
+    positional = [n for n, p in sig.items() if p.default is inspect.Parameter.empty
+                  and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    return _flags_to_positionals(out, positional)
+
+
+def _flags_to_positionals(args: list[str], positional: list[str]) -> list[str]:
+    """Move `--data D` / `--out=O` of positional parameters into place: a leading run of them goes first, a
+    trailing run last (so `--data D O` and `D --out O` both work)."""
+    given: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i][2:].partition("=") if args[i].startswith("--") else ("", "", "")
+        if name in positional and name in POSITIONAL_FLAGS:
+            if not eq:
+                if i + 1 >= len(args):
+                    rest.append(args[i])
+                    break
+                value, i = args[i + 1], i + 1
+            given[name] = value
+        else:
+            rest.append(args[i])
+        i += 1
+    if not given:
+        return args
+    head = []
+    for n in positional:
+        if n not in given:
+            break
+        head.append(given.pop(n))
+    tail = []
+    for n in reversed(positional):
+        if n not in given:
+            break
+        tail.insert(0, given.pop(n))
+    if given:  # a flag for a middle positional: leave it for the parser to report
+        return args
+    return head + rest + tail
 
 
 def run_command(path: list[str], target: str, args: list[str]) -> Any:

@@ -1,4 +1,5 @@
-"""All-or-nothing outputs: build a folder beside its target, then swap it in with renames.
+"""All-or-nothing outputs, the only place that writes them: a file or folder is built beside its target, then
+swapped in with a rename.
 
 A crash mid-write leaves either the old folder or the new one (the old one survives as `.NAME.old`
 between the two renames, and loaders fall back to it), never a mix.
@@ -6,10 +7,11 @@ between the two renames, and loaders fall back to it), never a mix.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,3 +65,54 @@ def resolve_folder(folder: str | Path) -> Path:
         if old.exists():
             return old
     return folder
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` (same suffix, so writers that infer the format from it work); on success
+    it is fsync'd and renamed over `path`, on any error it is removed and `path` is untouched."""
+    path = Path(path)
+    if path.is_dir():
+        raise LlmkitError(f"{path} is a folder; give a file path for the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file the user makes
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text all-or-nothing."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes all-or-nothing."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: object, indent: int | None = 2) -> Path:
+    """Write JSON (UTF-8, non-ASCII kept readable, trailing newline) all-or-nothing."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_write_lines(path: str | Path, rows: Iterable[object]) -> Path:
+    """Write one JSON object per line (JSONL) all-or-nothing."""
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return Path(path)

@@ -6,8 +6,6 @@ Instruction-tuned checkpoints (a tokenizer with a chat template, e.g. SmolLM2-13
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import string
 from collections import Counter
@@ -23,6 +21,7 @@ from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import chat_stop_strings, render_chat
 from llmkit.inference.generate import generate_text
 from llmkit.inference.sampling import SamplingParams
+from llmkit.io import atomic_write_lines
 from llmkit.models.load import load
 from llmkit.tokenizer import Tokenizer
 
@@ -101,14 +100,8 @@ def complete(model: nn.Module, tok: Tokenizer, prompts: list[str], max_new_token
 
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (temp file + rename): a crash never leaves half a results file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
+    """Write rows atomically: a crash never leaves half a results file."""
+    atomic_write_lines(path, rows)
 
 
 def report(name: str, scores: dict[str, Any]) -> None:

@@ -7,13 +7,13 @@ or {"prompt": ..., "response": ...} (optionally with "system"). Every example be
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llmkit.data.corpus import package_dir
 from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_lines
 
 Messages = list[dict[str, str]]
 CHATTERBOT_HINT = "run `pip install chatterbot-corpus==1.3.3`"
@@ -115,11 +115,4 @@ def load_chat_data(data: str, system: str | None = None) -> list[Messages]:
 
 def write_chat_jsonl(examples: list[Messages], path: str | Path) -> Path:
     """Write examples as {"messages": [...]} lines (UTF-8, Chinese kept readable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for m in examples:
-            f.write(json.dumps({"messages": m}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_lines(path, ({"messages": m} for m in examples))

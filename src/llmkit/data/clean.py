@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from llmkit.data.corpus import NAMED_CORPORA, bible_verses, corpus_files
 from llmkit.data.pii import scrub_pii
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_file
 
 _WS = re.compile(r"\s+")
 _TAG_HINT = re.compile(r"<[a-zA-Z/!]")
@@ -182,10 +182,8 @@ def clean(*, data: str, out: str, unit: Literal["line", "document"] = "line", st
     """
     cleaner = Cleaner(strip_html_tags, lowercase, stopwords, stem, dedup, scrub_pii, min_chars)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     sep = "\n" if unit == "line" else "\n\n"
-    try:
+    with atomic_file(out_path) as tmp:
         with tmp.open("w", encoding="utf-8") as fh:
             for u in tqdm(_units(data, unit), desc="clean", unit=unit, mininterval=1.0):
                 cleaned = cleaner.clean(u)
@@ -193,10 +191,6 @@ def clean(*, data: str, out: str, unit: Literal["line", "document"] = "line", st
                     fh.write(cleaned + sep)
         if cleaner.counts["input"] == 0:
             raise LlmkitError(f"corpus {data!r} is empty; give it some text")
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     counts = dict(cleaner.counts)
     dropped = counts.get("dropped_empty", 0) + counts.get("dropped_duplicate", 0)
     print(f"kept {counts.get('kept', 0):,} of {counts['input']:,} {unit}s, dropped {dropped:,} "

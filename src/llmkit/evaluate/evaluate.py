@@ -13,11 +13,12 @@ from llmkit.data.corpus import read_corpus
 from llmkit.data.labeled import prepare_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.evaluate.perplexity import perplexity_of_ids
+from llmkit.io import atomic_write_json
 from llmkit.metrics.classification import confusion, plot_confusion
 from llmkit.models.checkpoint import read_meta
 from llmkit.models.heads import load_task_model
 from llmkit.models.load import load
-from llmkit.train.finetune.run import RESULTS, HeadSource, read_examples, split_examples, write_results
+from llmkit.train.finetune.run import RESULTS, HeadSource, read_examples, split_examples
 from llmkit.train.finetune.task import Encoded, FinetuneTask, HeadData, encode_classify, encode_ner
 
 
@@ -95,7 +96,7 @@ def _evaluate_heads(ckpt: str, meta: dict[str, Any], data: str | None, split: st
             print(f"{name}: entity P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}  "
                   f"(n={r['n_sentences']} sentences)")
     path = Path(out) if out else Path(ckpt) / RESULTS
-    write_results(path, results)
+    atomic_write_json(path, results)
     print(f"results -> {path}")
     return results
 
@@ -119,7 +120,7 @@ def _evaluate_lm(ckpt: str, meta: dict[str, Any], data: str | None, stride: int,
     res = {"checkpoint": str(ckpt), "data": data, "block_size": block, "stride": min(stride or block, block - 1),
            **perplexity_of_ids(model, ids, block, stride or block, device)}
     path = Path(out) if out else Path(ckpt) / "eval_results.json"
-    write_results(path, res)
+    atomic_write_json(path, res)
     print(f"perplexity {res['perplexity']:.3f} ({res['bits_per_token']:.4f} bits/token over {res['n_tokens']:,} "
           f"tokens) -> {path}")
     return res

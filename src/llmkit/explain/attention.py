@@ -12,14 +12,13 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_bytes
 from llmkit.models.load import load
 from llmkit.models.transformer import Attention, Transformer, rotate_half
 
@@ -159,17 +158,6 @@ def _html_page(probs: list[torch.Tensor], labels: list[str], text: str, source: 
             + "".join(rows) + "</body></html>\n")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def encode_for(model: nn.Module, tokenizer, text: str) -> list[int]:
     """Token ids for an explanation: [CLS] ... [SEP] for encoders, the plain text for decoders."""
     if not text.strip():
@@ -213,8 +201,8 @@ def explain_attention(checkpoint: str, *, text: str, layer: int = 0, head: int =
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"attention_L{layer}_H{head}.png"
     page = folder / "attention.html"
-    _write_atomic(png, _heatmap_png(probs[layer][head], labels, f"layer {layer}, head {head}"))
-    _write_atomic(page, _html_page(probs, labels, text, str(checkpoint)).encode("utf-8"))
+    atomic_write_bytes(png, _heatmap_png(probs[layer][head], labels, f"layer {layer}, head {head}"))
+    atomic_write_bytes(page, _html_page(probs, labels, text, str(checkpoint)).encode("utf-8"))
     p = probs[layer][head]
     top = [labels[int(j)] for j in p.argmax(-1)]
     print(f"{len(ids)} tokens; layer {layer} head {head}: each query's most attended key:")

@@ -11,9 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import string
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmkit.data.batching import pad, shifted_pair
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_json
 from llmkit.models.load import load
 
 SHIPPED = {"gender-occupations": "gender_occupations.json"}
@@ -122,14 +122,11 @@ def sentence_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_size:
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        T = max(len(s) for s in chunk)
-        idx = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        tgt = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for r, s in enumerate(chunk):  # right padding: causal attention never lets real tokens see it
-            idx[r, :len(s)] = torch.tensor(s)
-            tgt[r, :len(s) - 1] = torch.tensor(s[1:])
+        # right padding: causal attention never lets real tokens see it
+        idx, _ = pad(chunk, tokenizer.pad_id)
+        _, t = shifted_pair(chunk, chunk, tokenizer.pad_id)  # t[:, j] = token j+1, -100 past the end
         logp = model(idx.to(device)).logits.float().log_softmax(-1)[:, :-1]  # (B, T-1, V)
-        t = tgt[:, :-1].to(device)
+        t = t.to(device)
         picked = logp.gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)
         out += picked.sum(-1).tolist()
     return out
@@ -218,10 +215,6 @@ def explain_bias(checkpoint: str, *, pairs: str = "gender-occupations", n_boot: 
         body = {"checkpoint": str(checkpoint), "pair_set": meta.get("name", pairs), "a": a, "b": b, **rep,
                 "pairs_text": [[p.a, p.b, p.label] for p in plist]}
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
+        atomic_write_json(path, body, indent=1)
         print(f"wrote {path}")
     return rep

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +24,7 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.explain.attention import token_labels
+from llmkit.io import atomic_write_text
 from llmkit.models.load import load
 
 Method = Literal["integrated_gradients", "grad_x_input"]
@@ -150,12 +149,8 @@ def explain_tokens(checkpoint: str, *, text: str, target: str | None = None,
     res.update(tokens=labels, target=target_text, n_prompt=len(prompt_ids))
     if out is not None:
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         body = (json.dumps(res, indent=1, ensure_ascii=False) if path.suffix == ".json"
                 else _html(labels, res["scores"], len(prompt_ids), title))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(body)
-        os.replace(tmp, path)
+        atomic_write_text(path, body)
         print(f"wrote {path}")
     return res

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.data.batching import pad
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 
@@ -21,12 +22,7 @@ def _bos_eos(tok: Tokenizer) -> tuple[int, int]:
 
 def _encode_sources(model: nn.Module, tok: Tokenizer, sources: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = [tok.encode(s)[: model.cfg.block_size] or [tok.pad_id] for s in sources]
-    S = max(len(i) for i in ids)
-    src = torch.full((len(ids), S), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), S), dtype=torch.long)
-    for r, i in enumerate(ids):
-        src[r, : len(i)] = torch.tensor(i)
-        mask[r, : len(i)] = 1
+    src, mask = pad(ids, tok.pad_id)
     dev = next(model.parameters()).device
     return src.to(dev), mask.to(dev)
 

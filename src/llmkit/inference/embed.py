@@ -8,7 +8,6 @@ A brute-force dot product over a .npy is exact and fast to ~10^6 rows on a CPU, 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -16,8 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmkit.data.batching import pad
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_folder
+from llmkit.models.heads import pool
 from llmkit.models.load import load
 from llmkit.tokenizer import Tokenizer
 
@@ -33,29 +34,32 @@ def _encode(tok: Tokenizer, text: str, block_size: int, encoder: bool) -> list[i
 def embed_texts(model: nn.Module, tok: Tokenizer, texts: list[str], batch_size: int = 32,
                 progress: bool = False) -> np.ndarray:
     """Unit-length embeddings (N, C) float32 of `texts`: mean of the last hidden states over real tokens."""
-    from tqdm import tqdm
 
     cfg = model.cfg
     if cfg.arch not in ("encoder", "decoder"):
         raise LlmkitError(f"embeddings need an encoder or decoder checkpoint, not arch={cfg.arch!r}")
     ids = [_encode(tok, t, cfg.block_size, cfg.arch == "encoder") for t in texts]
+    return embed_ids(model, ids, tok.pad_id, batch_size, progress)
+
+
+@torch.inference_mode()
+def embed_ids(model: nn.Module, ids: list[list[int]], pad_id: int, batch_size: int = 32,
+              progress: bool = False) -> np.ndarray:
+    """Unit-length (N, C) float32 embeddings of token lists: the trunk's (or encoder's) last hidden states
+    mean-pooled over real tokens, then L2-normalised (sentence-transformers' recipe)."""
+    from tqdm import tqdm
+
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
-    out = np.zeros((len(ids), cfg.d_model), dtype=np.float32)
+    out = np.zeros((len(ids), model.cfg.d_model), dtype=np.float32)
     device = next(model.parameters()).device
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     for rows in tqdm(batches, desc="embed", unit="batch", disable=not progress, file=sys.stderr):
-        T = max(len(ids[i]) for i in rows)
-        x = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, i in enumerate(rows):  # right padding: positions 0..n-1 stay those of the unpadded text
-            x[j, : len(ids[i])] = torch.tensor(ids[i])
-            mask[j, : len(ids[i])] = 1
-        h = model.hidden(x.to(device), attention_mask=mask.to(device))  # (B, T, C)
-        m = mask.to(device, h.dtype)[..., None]
-        v = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, C) mean over real tokens
-        v = torch.nn.functional.normalize(v.float(), dim=-1)
+        # right padding: positions 0..n-1 stay those of the unpadded text
+        x, mask = (t.to(device) for t in pad([ids[i] for i in rows], pad_id))
+        h = model.encode(x, mask) if model.cfg.arch == "seq2seq" else model.hidden(x, attention_mask=mask)
+        v = torch.nn.functional.normalize(pool(h, mask, "mean").float(), dim=-1)  # (B, C)
         out[rows] = v.cpu().numpy()
-    return out
+    return np.nan_to_num(out, nan=0.0)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -153,28 +157,8 @@ def search(checkpoint: str, *, index: str, query: str, k: int = 5) -> list[tuple
     return results
 
 
-@torch.inference_mode()
 def mean_pool_embeddings(model: nn.Module, tokenizer: Tokenizer, ids: list[list[int]],
                          batch_size: int = 32) -> list[list[float]]:
-    """Mean of the trunk's hidden states over real tokens, L2-normalised (sentence-transformers' recipe)."""
-    out: list[list[float]] = []
-    device = next(model.parameters()).device
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s: s + batch_size]
-        T = max(len(x) for x in chunk)
-        idx = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, x in enumerate(chunk):  # right padding: positions start at 0 for every row
-            idx[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        idx, mask = idx.to(device), mask.to(device)
-        if model.cfg.arch == "seq2seq":
-            h = model.encode(idx, mask)
-        else:
-            h = model.hidden(idx, attention_mask=mask)  # (B, T, C)
-        m = mask[..., None].to(h.dtype)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
-        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        out.extend(pooled.cpu().tolist())
-    return [[0.0 if math.isnan(v) else v for v in row] for row in out]
+    """`embed_ids` as JSON-ready lists (the server's /v1/embeddings)."""
+    return embed_ids(model, ids, tokenizer.pad_id, batch_size).tolist()
 

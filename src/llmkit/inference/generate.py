@@ -15,6 +15,7 @@ from torch import nn
 
 from llmkit.data.batching import left_pad
 from llmkit.errors import LlmkitError
+from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.models.load import load
 from llmkit.tokenizer import Tokenizer
@@ -129,53 +130,38 @@ class Completion:
     finish_reason: str
 
 
-def _first_stop(text: str, stops: list[str]) -> int:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else -1
-
-
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
                   use_cache: bool = True, on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """Generate a continuation per prompt; `on_text(row, delta)` streams text as it is produced."""
     ids = [tokenizer.encode(p) for p in prompts]
     B = len(ids)
     budget = min(check_prompt(len(p), params.max_new_tokens, _context_len(model)) for p in ids)
-    texts = [""] * B
-    emitted = [0] * B  # characters already streamed; held back while a stop string might be forming
-    hold = max((len(s) for s in params.stop), default=1) - 1
+    streams = [TextStream(tokenizer, params.stop) for _ in range(B)]
+    visible = [""] * B  # text safe to show: held back while a stop string or a multi-byte character may form
+    emitted = [0] * B
     stopped = [False] * B
 
     def should_stop(row: int, out: list[int]) -> bool:
-        texts[row] = tokenizer.decode(out)
-        if params.stop and _first_stop(texts[row], params.stop) >= 0:
-            stopped[row] = True
-            return True
-        return False
+        visible[row], stopped[row] = streams[row].visible(out, final=False)
+        return stopped[row]
+
+    def emit(row: int) -> None:
+        if on_text is not None and len(visible[row]) > emitted[row]:
+            on_text(row, visible[row][emitted[row]:])
+        emitted[row] = max(emitted[row], len(visible[row]))
 
     gen_ids: list[list[int]] = [[] for _ in range(B)]
     for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop):
         for i, t in enumerate(step):
-            if t is None:
-                continue
-            gen_ids[i].append(t)
-            if params.stop:
-                cut = _first_stop(texts[i], params.stop)
-                visible = texts[i][:cut] if cut >= 0 else texts[i][: max(len(texts[i]) - hold, 0)]
-            else:
-                visible = texts[i].rstrip("\ufffd")  # wait for the rest of a multi-byte character
-            if on_text is not None and len(visible) > emitted[i]:
-                on_text(i, visible[emitted[i]:])
-            emitted[i] = max(emitted[i], len(visible))
+            if t is not None:
+                gen_ids[i].append(t)
+                emit(i)
     results = []
     for i in range(B):
-        text = tokenizer.decode(gen_ids[i])
-        cut = _first_stop(text, params.stop) if params.stop else -1
-        if cut >= 0:
-            text = text[:cut]
-        if on_text is not None and len(text) > emitted[i]:
-            on_text(i, text[emitted[i]:])
+        visible[i], _ = streams[i].visible(gen_ids[i], final=True)
+        emit(i)
         reason = "stop" if stopped[i] or len(gen_ids[i]) < budget else "length"
-        results.append(Completion(text, gen_ids[i], reason))
+        results.append(Completion(visible[i], gen_ids[i], reason))
     return results
 
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmkit.io import atomic_file
+
 
 def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro/micro/weighted precision/recall/F1 and per-label P/R/F1/support (sklearn)."""
@@ -75,8 +77,7 @@ def plot_confusion(matrix: list[list[int]], labels: Sequence[str], path: str | P
         ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return path

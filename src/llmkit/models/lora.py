@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_file, atomic_write_json
 from llmkit.models.checkpoint import load_tensors, save_checkpoint
 from llmkit.models.config import ModelConfig
 from llmkit.models.load import load_model
@@ -153,15 +151,10 @@ def save_adapter(folder: str | Path, model: nn.Module, meta: dict[str, Any] | No
     folder.mkdir(parents=True, exist_ok=True)
     tensors = lora_state_dict(model)
     body = {"llmkit_adapter": 1, **lora_config(model), **(meta or {})}
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=folder))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        # weights first, config last: a folder with a config always has matching weights
-        os.replace(tmp / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
-        os.replace(tmp / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # weights first, config last: a folder with a config always has matching weights
+    with atomic_file(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, body)
     return folder
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_file
 
 
 @dataclass
@@ -186,10 +187,9 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.png.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
+        with atomic_file(self.png) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.png)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.data.batching import pad, shifted_pair
 from llmkit.data.parallel import Pair, read_pairs, split_pairs
 from llmkit.errors import LlmkitError
 from llmkit.inference.beam import _bos_eos, translate_texts
+from llmkit.io import atomic_write_json
 from llmkit.metrics.translation import BleuTokenize, auto_bleu_tokenize, score_translations
 from llmkit.models.build import build_model
 from llmkit.models.checkpoint import load_training_state, save_checkpoint
@@ -50,17 +52,8 @@ def encode_pairs(tok: Tokenizer, pairs: list[Pair], max_len: int) -> list[Encode
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: src (B,S), src_mask (B,S), tgt_in (B,T), tgt_out (B,T) with -100 on padding."""
-    S = max(len(e.src) for e in items)
-    T = max(len(e.tgt) for e in items) - 1
-    src = torch.full((len(items), S), pad_id, dtype=torch.long)
-    src_mask = torch.zeros((len(items), S), dtype=torch.long)
-    tgt_in = torch.full((len(items), T), pad_id, dtype=torch.long)
-    tgt_out = torch.full((len(items), T), -100, dtype=torch.long)
-    for i, e in enumerate(items):
-        src[i, : len(e.src)] = torch.tensor(e.src)
-        src_mask[i, : len(e.src)] = 1
-        tgt_in[i, : len(e.tgt) - 1] = torch.tensor(e.tgt[:-1])
-        tgt_out[i, : len(e.tgt) - 1] = torch.tensor(e.tgt[1:])
+    src, src_mask = pad([e.src for e in items], pad_id)
+    tgt_in, tgt_out = shifted_pair([e.tgt for e in items], [e.tgt for e in items], pad_id)
     return {"src": src, "src_mask": src_mask, "tgt_in": tgt_in, "tgt_out": tgt_out}
 
 
@@ -214,7 +207,6 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
         llmkit train seq2seq pairs.tsv runs/mt-small --max_steps 500 --beam 1
         llmkit train seq2seq train.en runs/mt-en-de --tgt_file train.de --bleu_tokenize 13a
     """
-    import json
 
     if PRESETS.get(preset, {}).get("arch", "seq2seq") != "seq2seq":
         raise LlmkitError(f"preset {preset!r} is arch {PRESETS[preset]['arch']!r}; seq2seq training needs an "
@@ -277,9 +269,7 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
         scores[f"beam{beam}"] = score_translations(hyps, refs, tk)
         scores[f"beam{beam}"]["seconds"] = round(time.perf_counter() - t1, 1)
     scores["baselines"] = baselines(train_pairs, held, tk)
-    tmp = out_dir / "scores.json.tmp"
-    tmp.write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / "scores.json")
+    atomic_write_json(out_dir / "scores.json", scores)
     for name in ("greedy", f"beam{beam}"):
         if name in scores:
             s = scores[name]

@@ -9,10 +9,7 @@ word2vec C binary (`vectors.bin`) or Facebook's FastText binary (`fasttext.bin`)
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any, Literal
 
 from llmkit.data.corpus import iter_documents
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_folder
 
 META = "wordvec.json"
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W\d_]+(?:['’][^\W\d_]+)*")
@@ -122,9 +120,7 @@ def wordvec_train(*, data: str, out: str, model: Literal["word2vec", "fasttext"]
             "lowercase": lowercase, "corpus_words": int(m.corpus_total_words), "train_seconds": round(seconds, 1),
             **checks}
     folder = Path(out)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         if model == "fasttext":
             from gensim.models.fasttext import save_facebook_model
 
@@ -132,12 +128,6 @@ def wordvec_train(*, data: str, out: str, model: Literal["word2vec", "fasttext"]
         else:
             kv.save_word2vec_format(str(tmp / "vectors.bin"), binary=True)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"{model} {algorithm}: {len(kv):,} words x {vector_size} dims from {meta['corpus_words']:,} words "
           f"in {seconds:.1f}s -> {folder}")
     print(f"WordSim-353 Spearman {checks['wordsim353_spearman']:.3f} on {checks['wordsim353_pairs_covered_pct']}% "

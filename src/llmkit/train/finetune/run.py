@@ -5,8 +5,6 @@ training loop (early stopping, best checkpoint kept), then score the best checkp
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from torch import nn
 from llmkit.data.datasets import TAG_DATASETS, TEXT_DATASETS
 from llmkit.data.labeled import prepare_tokenizer, read_conll, read_text_labels, split
 from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_json
 from llmkit.metrics.classification import confusion, plot_confusion
 from llmkit.models.checkpoint import read_meta
 from llmkit.models.heads import TaskModel, default_pooling, load_task_model, save_task_model
@@ -217,12 +216,6 @@ def evaluate_saved(folder: Path, heads: list[HeadData], pad_id: int, device: str
             results[h.name]["confusion"] = {"labels": h.labels, "matrix": cm}
             png = folder / ("confusion.png" if len(heads) == 1 else f"confusion_{h.name}.png")
             plot_confusion(cm, h.labels, png, f"{h.name} ({split_name})")
-    write_results(folder / RESULTS, results)
+    atomic_write_json(folder / RESULTS, results)
     return results
 
-
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    """Atomically write results JSON (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmkit.data.batching import shifted_pair
 from llmkit.data.chat_data import Messages, load_chat_data
 from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import render_chat
+from llmkit.io import atomic_file
 from llmkit.models.checkpoint import load_training_state, save_checkpoint
 from llmkit.models.config import ModelConfig
 from llmkit.models.load import load_model
@@ -105,13 +106,7 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
     Right padding needs no attention mask in a causal model: real tokens never see the pads after them.
     """
-    T = max(len(r[0]) for r in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (ids, labels) in enumerate(rows):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor(labels[1:])
+    x, y = shifted_pair([r[0] for r in rows], [r[1] for r in rows], pad_id)
     return {"x": x, "y": y}
 
 
@@ -182,9 +177,8 @@ def _split(examples: list[Messages], val_fraction: float, seed: int) -> tuple[li
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, val_fraction: float = 0.05,

@@ -1,0 +1,68 @@
+"""POST /v1/embeddings: mean-pooled, L2-normalised vectors of texts or token-id lists (float or base64)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from llmkit.inference.embed import embed_texts, mean_pool_embeddings
+from llmkit.serve.errors import APIError
+from llmkit.serve.schemas import EmbeddingRequest
+from llmkit.serve.server import Server, check_api_key, server_of
+
+router = APIRouter()
+MAX_INPUTS = 2048
+
+
+def _input_ids(srv: Server, body: EmbeddingRequest) -> tuple[list[str] | None, list[list[int]]]:
+    """(texts or None for token-id input, token ids per input), checked against the context."""
+    texts: list[str] | None = None
+    if isinstance(body.input, str) or (body.input and isinstance(body.input[0], str)):
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        ids = [srv.tok.encode(t, add_special_tokens=True) for t in texts]
+    else:
+        ids = srv.prompt_ids(body.input, "input")
+    for x in ids:
+        if not x:
+            raise APIError(400, "input holds an empty text; give at least one token", param="input")
+        if len(x) > srv.block_size:
+            raise APIError(400, f"an input has {len(x)} tokens but the model's context is {srv.block_size}; "
+                                "shorten it", param="input", code="context_length_exceeded")
+    if len(ids) > MAX_INPUTS:
+        raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param="input")
+    return texts, ids
+
+
+@router.post("/v1/embeddings", dependencies=[Depends(check_api_key)])
+async def embeddings(body: EmbeddingRequest, srv: Server = Depends(server_of)) -> dict[str, Any]:
+    srv.check_model(body.model)
+    texts, ids = _input_ids(srv, body)
+
+    def compute() -> list[list[float]]:
+        if texts is not None:  # the same vectors as `llmkit embed` / `llmkit search`
+            return embed_texts(srv.model, srv.tok, texts).tolist()
+        return mean_pool_embeddings(srv.model, srv.tok, ids)  # token-id input
+
+    def locked() -> list[list[float]]:
+        with srv.embed_lock:
+            return compute()
+
+    # on the engine thread between decode steps (the model is not thread-safe), or under a lock for encoders
+    vecs = await asyncio.to_thread(srv.engine.call, compute) if srv.engine is not None else \
+        await asyncio.to_thread(locked)
+    if body.dimensions is not None:
+        vecs = [v[: body.dimensions] for v in vecs]
+    n_tok = sum(len(x) for x in ids)
+    srv.metrics.count_tokens(prompt=n_tok)
+    data = []
+    for i, v in enumerate(vecs):
+        emb: Any = v
+        if body.encoding_format == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": srv.name,
+            "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}

@@ -1,0 +1,68 @@
+"""Errors in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) and the handlers that make every
+failure one: validation errors, HTTP errors, llmkit's own errors and crashes."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmkit.errors import LlmkitError
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+
+async def _api_error(_r: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})",
+                        code="invalid_json").response()
+    param = ".".join(loc) or None
+    msg = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
+    return APIError(400, msg, param=param, code="invalid_value").response()
+
+
+
+async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return APIError(e.status_code, str(e.detail), kind).response()
+
+
+
+async def _llmkit(_r: Request, e: LlmkitError) -> JSONResponse:
+    return APIError(400, str(e)).response()
+
+
+
+async def _crash(_r: Request, e: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(e).__name__}", "server_error").response()
+
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error as an OpenAI error object; a crash is a 500 without a traceback."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(LlmkitError, _llmkit)
+    app.add_exception_handler(Exception, _crash)
