@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from llmkit.errors import LlmkitError
 
@@ -116,3 +117,12 @@ def atomic_write_lines(path: str | Path, rows: Iterable[object]) -> Path:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     return Path(path)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, turning invalid JSON into one clear error naming `what` is corrupt."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LlmkitError(f"{path} is not valid JSON ({e.msg}); {what} is corrupt") from e

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmkit.bench.timer import time_calls
+from llmkit.bench.train import train_step
 from llmkit.data.batching import pad_batch
 from llmkit.data.corpus import package_dir
 from llmkit.data.datasets import rotten_tomatoes
@@ -53,21 +54,9 @@ def bench(quick: bool = False) -> dict[str, Any]:
     ours = TaskModel(backbone, {"main": {"kind": "classify", "labels": list(labels), "pooling": "cls"}}).train()
     ref = BertForSequenceClassification.from_pretrained(str(hf_dir), num_labels=2).train()
 
-    def stepper(model: torch.nn.Module, loss_of: Any) -> Any:
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-
-        def step(i: int) -> None:
-            loss = loss_of(batches[i % len(batches)])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
-    ours_eps = _examples_per_s(stepper(ours, lambda b: ours.loss("main", b)), n, B)
-    ref_eps = _examples_per_s(stepper(ref, lambda b: ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                                         labels=b["labels"]).loss), n, B)
+    ours_eps = _examples_per_s(train_step(ours, lambda b: ours.loss("main", b), batches, lr=2e-5), n, B)
+    ref_eps = _examples_per_s(train_step(ref, lambda b: ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                         labels=b["labels"]).loss, batches, lr=2e-5), n, B)
     return {"name": "finetune classify MiniLM (rotten_tomatoes)", "batch": B, "max_len": max_len, "steps": n,
             "mean_tokens_per_example": round(sum(int(b["attention_mask"].sum()) for b in batches) / len(data), 1),
             "llmkit_examples_per_s": round(ours_eps, 2),

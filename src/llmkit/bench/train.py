@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llmkit.bench.timer import mean_seconds
+from llmkit.bench.timer import time_calls
 from llmkit.data.corpus import bible_text
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
@@ -16,14 +16,14 @@ from llmkit.models.config import preset
 SHAKESPEARE = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def _train_step_fn(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor],
-                   batches: list[torch.Tensor]) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    it = iter(range(10**9))
+def train_step(model: torch.nn.Module, loss_of: Callable[[Any], torch.Tensor], batches: list[Any],
+               lr: float = 1e-3, fused: bool = False) -> Callable[[int], None]:
+    """One AdamW step (backward, clip at 1.0, step, zero) on batch i % len(batches): the loop every training
+    benchmark times, the same for llmkit and the reference."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
-    def step() -> None:
-        x = batches[next(it) % len(batches)]
-        loss = loss_of(x)
+    def step(i: int) -> None:
+        loss = loss_of(batches[i % len(batches)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -57,8 +57,10 @@ def bench(quick: bool = False) -> dict[str, Any]:
                         activation_function="gelu")
     ref = GPT2LMHeadModel(hf_cfg).train()
     steps = 20 if quick else 100
-    ours_s = mean_seconds(_train_step_fn(ours, lambda b: ours(b[:, :-1], b[:, 1:]).loss, batches), 5, steps)
-    ref_s = mean_seconds(_train_step_fn(ref, lambda b: ref(input_ids=b[:, :-1], labels=b[:, :-1]).loss, batches), 5, steps)
+    ours_s = sum(time_calls(train_step(ours, lambda b: ours(b[:, :-1], b[:, 1:]).loss, batches, fused=True),
+                            steps, warmup=5)) / steps
+    ref_s = sum(time_calls(train_step(ref, lambda b: ref(input_ids=b[:, :-1], labels=b[:, :-1]).loss, batches,
+                                      fused=True), steps, warmup=5)) / steps
     tokens = B * T
     return {"name": "train char-shakespeare", "corpus": corpus, "batch": B, "block": T,
             "params_llmkit": ours.num_params(), "params_reference": sum(p.numel() for p in ref.parameters()),

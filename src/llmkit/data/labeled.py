@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from llmkit.errors import LlmkitError
@@ -66,36 +66,50 @@ def read_text_labels(path: str | Path, text_field: str = "text", label_field: st
     return out
 
 
+def tagged_sentences(lines: Iterable[str], parse: Callable[[int, str], tuple[str, str] | None]
+                     ) -> list[TagExample]:
+    """Group `token ... tag` lines into (words, tags) sentences at lines that strip to "" (CoNLL layout);
+    `parse(line_no, line)` gives (token, tag), or None to skip the line."""
+    out: list[TagExample] = []
+    words: list[str] = []
+    tags: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            if words:
+                out.append((words, tags))
+                words, tags = [], []
+            continue
+        pair = parse(n, line)
+        if pair is not None:
+            words.append(pair[0])
+            tags.append(pair[1])
+    if words:
+        out.append((words, tags))
+    return out
+
+
 def read_conll(path: str | Path) -> list[TagExample]:
     """Read a CoNLL/BIO file: `token<whitespace>...tag` per line (tag = last column), blank line between
     sentences (a line that strips to "" counts as blank), `-DOCSTART-` lines skipped."""
     path = Path(path)
     _check_file(path)
-    out: list[TagExample] = []
-    words: list[str] = []
-    tags: list[str] = []
+
+    def parse(n: int, line: str) -> tuple[str, str] | None:
+        parts = line.split()
+        if parts[0] == "-DOCSTART-":
+            return None
+        if len(parts) < 2:
+            raise LlmkitError(f"{path}:{n}: expected `token<TAB>tag`, got {line.strip()!r}")
+        tag = parts[-1]
+        if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
+            raise LlmkitError(f"{path}:{n}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
+        return parts[0], tag
+
     try:
         with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    if words:
-                        out.append((words, tags))
-                        words, tags = [], []
-                    continue
-                parts = line.split()
-                if parts[0] == "-DOCSTART-":
-                    continue
-                if len(parts) < 2:
-                    raise LlmkitError(f"{path}:{n}: expected `token<TAB>tag`, got {line.strip()!r}")
-                tag = parts[-1]
-                if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
-                    raise LlmkitError(f"{path}:{n}: tag {tag!r} is not BIO (O, B-TYPE, I-TYPE)")
-                words.append(parts[0])
-                tags.append(tag)
+            out = tagged_sentences(f, parse)
     except UnicodeDecodeError as e:
         raise LlmkitError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. `iconv -t UTF-8`") from e
-    if words:
-        out.append((words, tags))
     if not out:
         raise LlmkitError(f"{path} holds no sentences; it needs `token<TAB>tag` lines")
     return out

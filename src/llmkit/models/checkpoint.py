@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_folder, resolve_folder
+from llmkit.io import atomic_folder, read_json, resolve_folder
 from llmkit.models.config import ModelConfig
 from llmkit.tokenizer import Tokenizer
 
@@ -73,11 +73,7 @@ def resolve_checkpoint(folder: str | Path) -> Path:
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
     """The whole config.json of a checkpoint (model config under "model", plus task metadata)."""
-    path = resolve_checkpoint(folder) / CONFIG
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LlmkitError(f"{path} is not valid JSON ({e.msg}); the checkpoint is corrupt") from e
+    return read_json(resolve_checkpoint(folder) / CONFIG, "the checkpoint")
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

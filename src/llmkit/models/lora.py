@@ -8,7 +8,6 @@ holds only adapter.safetensors + adapter_config.json; `merge_lora` folds W += (a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_file, atomic_write_json
+from llmkit.io import atomic_file, atomic_write_json, read_json
 from llmkit.models.checkpoint import load_tensors, save_checkpoint
 from llmkit.models.config import ModelConfig
 from llmkit.models.load import load_model
@@ -164,10 +163,7 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise LlmkitError(f"{folder} is not a LoRA adapter folder: it has no {ADAPTER_CONFIG} "
                           "(train one with `llmkit finetune sft --lora_r 8 ...`)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LlmkitError(f"{path} is not valid JSON ({e.msg}); the adapter is corrupt") from e
+    cfg = read_json(path, "the adapter")
     for key in ("r", "alpha", "targets"):
         if key not in cfg:
             raise LlmkitError(f"{path} lacks {key!r}; it was not written by llmkit's save_adapter")
