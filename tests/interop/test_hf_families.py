@@ -230,3 +230,90 @@ def test_gguf_import_equals_hf_import(tmp_path, name):
     ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max().item() <= ATOL
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+E2E = ["qwen2", "gemma3"]
+PROMPT = "And God said, Let there be light"
+
+
+@pytest.fixture(scope="module", params=E2E)
+def family_ckpt(request, tmp_path_factory, bpe_tokenizer):
+    """(name, transformers model, llmkit checkpoint imported with the tokenizer) of a tiny Qwen2 / Gemma-3."""
+    name = request.param
+    folder = tmp_path_factory.mktemp(name)
+    cls, kw = FAMILIES[name]
+    FAMILIES[f"{name}-e2e"] = (cls, {**kw, "vocab_size": bpe_tokenizer.vocab_size})
+    try:
+        ref = hf_reference(f"{name}-e2e", folder / "hf")
+    finally:
+        del FAMILIES[f"{name}-e2e"]
+    bpe_tokenizer.save(folder / "hf")  # tokenizer.json beside the weights, as in a downloaded folder
+    return name, ref, from_hf(str(folder / "hf"), str(folder / "ckpt"))
+
+
+def test_family_sft_lora_runs_and_adapter_loads(family_ckpt, tmp_path, capsys):
+    _, _, ckpt = family_ckpt
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Who said verse {i}?"},
+                          {"role": "assistant", "content": f"God said verse {i}."}]} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "lora"
+    assert main(["finetune", "sft", str(ckpt), "--data", str(data), "--out", str(out), "--lora_r", "4",
+                 "--lora_targets", "[attn.qkv,mlp.gate]", "--max_steps", "4", "--batch_size", "4",
+                 "--eval_every", "2", "--eval_batches", "1", "--merge", "true"]) == 0
+    merged, _ = load_model(out / "merged")
+    base, _ = load_model(ckpt)
+    assert merged.cfg.layer_kinds == base.cfg.layer_kinds and merged.cfg.qk_norm == base.cfg.qk_norm
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
+    assert changed and all(".attn.qkv." in k or ".mlp.gate." in k for k in changed)
+
+
+def test_family_serve_greedy_equals_generate(family_ckpt, capsys):
+    """The server's slot cache keeps full-length buffers (it shifts rows); generate uses the bounded ring:
+    the same greedy text either way, 24 tokens past an 8-token window."""
+    import openai
+
+    from llmkit.inference.generate import generate
+    from llmkit.serve.app import BackgroundServer, create_app
+
+    _, _, ckpt = family_ckpt
+    with BackgroundServer(create_app(str(ckpt), max_batch=2)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.completions.create(model=ckpt.name, prompt=PROMPT, max_tokens=24, temperature=0)
+    cli = generate(str(ckpt), prompt=[PROMPT], max_new_tokens=24, temperature=0, top_k=None)[0]
+    assert r.usage.completion_tokens == 24
+    assert PROMPT + r.choices[0].text == cli
+
+
+def test_family_evaluate_perplexity_equals_transformers(family_ckpt, tmp_path, bpe_tokenizer, bible_sample):
+    _, ref, ckpt = family_ckpt
+    text = " ".join(bible_sample[:3])
+    ids = bpe_tokenizer.encode(text)[:100]  # one window: fewer tokens than block_size
+    (tmp_path / "t.txt").write_text(bpe_tokenizer.decode(ids))
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r.json")]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    x = torch.tensor([bpe_tokenizer.encode((tmp_path / "t.txt").read_text())])
+    assert got["n_tokens"] == x.size(1) - 1  # every token but the first is predicted
+    with torch.no_grad():
+        want = torch.exp(ref(x, labels=x).loss).item()
+    assert got["perplexity"] == pytest.approx(want, rel=1e-4)
+
+
+def test_family_onnx_export_matches_pytorch(family_ckpt, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from llmkit.interop.commands import onnx
+
+    _, _, ckpt = family_ckpt
+    path = onnx(str(ckpt), str(tmp_path / "onnx"))
+    model, _ = load_model(ckpt)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for T in (5, 30):  # shorter and longer than the sliding window
+        ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+        mask = torch.ones(2, T, dtype=torch.long)
+        mask[0, :3] = 0
+        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        assert abs(got[mask.bool().numpy()] - want[mask.bool()].numpy()).max() <= ATOL, T

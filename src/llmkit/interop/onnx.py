@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.models.transformer import OffsetRMSNorm
 
 OPSET = 18
 
@@ -55,8 +56,10 @@ def wrap(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """A padded example batch (row 0 left-padded by 2) so tracing records the masked attention path."""
-    seq = min(seq, model.cfg.block_size)
+    """A padded example batch (row 0 left-padded by 2) so tracing records the masked attention path; longer
+    than a sliding window, so local layers record their window mask too."""
+    window = getattr(model.cfg, "sliding_window", None)
+    seq = min(max(seq, window + 2) if window else seq, model.cfg.block_size)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -65,15 +68,17 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[torc
 
 
 class DecomposedRMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w in plain ops: the legacy ONNX exporter has no aten::rms_norm."""
+    """x / sqrt(mean(x^2) + eps) * w (Gemma: * (1 + w)) in plain ops: the legacy ONNX exporter has no
+    aten::rms_norm."""
 
     def __init__(self, norm: nn.RMSNorm):
         super().__init__()
         self.weight = norm.weight
         self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        self.offset = 1.0 if isinstance(norm, OffsetRMSNorm) else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.weight + self.offset)
 
 
 def onnx_friendly(model: nn.Module) -> nn.Module:
