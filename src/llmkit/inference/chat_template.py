@@ -1,11 +1,15 @@
 """Chat templates: turn a list of {"role", "content"} messages into the prompt text a model was tuned on.
 
 Templates are Jinja2 (the format of Hugging Face's tokenizer_config.json `chat_template`), rendered in a
-sandbox. A tokenizer without one gets ChatML, the format SmolLM2 and many others use.
+sandbox set up as transformers sets it up (loop controls, a non-escaping `tojson`, `raise_exception`,
+`strftime_now`, `tools` and extra template variables), so Qwen, Gemma, Mistral and Phi-3 templates render
+the same text. A tokenizer without one gets ChatML, the format SmolLM2 and many others use.
 """
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -28,23 +32,40 @@ def _compile(template: str) -> Any:
     def raise_exception(msg: str) -> None:
         raise LlmkitError(f"chat template: {msg}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # Jinja's own escapes HTML characters
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` under the tokenizer's chat template (ChatML if it has none)."""
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None, **variables: Any) -> str:
+    """The prompt text for `messages` under the tokenizer's chat template (ChatML if it has none).
+
+    tools: JSON-schema tool definitions for templates with a tool format; variables: extra template
+    variables such as Qwen3's enable_thinking. Assistant turns may carry tool_calls.
+    """
     if not messages:
         raise LlmkitError("messages is empty; give at least one {'role': 'user', 'content': '...'}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise LlmkitError(f"message {i} must have 'role' and 'content'")
         if m["role"] not in ROLES:
             raise LlmkitError(f"message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
     template = tokenizer.chat_template or CHATML_TEMPLATE
     special = {f"{r}_token": t for r, t in tokenizer.specials.items()}
-    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    try:
+        return _compile(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **{**special, **variables})
+    except LlmkitError:
+        raise
+    except Exception as e:  # a template bug or a message shape it does not expect
+        raise LlmkitError(f"chat template failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
 
 
 def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:
