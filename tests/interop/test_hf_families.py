@@ -253,7 +253,7 @@ def family_ckpt(request, tmp_path_factory, bpe_tokenizer):
     return name, ref, from_hf(str(folder / "hf"), str(folder / "ckpt"))
 
 
-def test_family_sft_lora_runs_and_adapter_loads(family_ckpt, tmp_path, capsys):
+def test_family_sft_lora_runs_and_adapter_loads(family_ckpt, tmp_path):
     _, _, ckpt = family_ckpt
     data = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"Who said verse {i}?"},
@@ -270,7 +270,7 @@ def test_family_sft_lora_runs_and_adapter_loads(family_ckpt, tmp_path, capsys):
     assert changed and all(".attn.qkv." in k or ".mlp.gate." in k for k in changed)
 
 
-def test_family_serve_greedy_equals_generate(family_ckpt, capsys):
+def test_family_serve_greedy_equals_generate(family_ckpt):
     """The server's slot cache keeps full-length buffers (it shifts rows); generate uses the bounded ring:
     the same greedy text either way, 24 tokens past an 8-token window."""
     import openai
