@@ -9,6 +9,8 @@ the same text. A tokenizer without one gets ChatML, the format SmolLM2 and many 
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -66,6 +68,48 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_genera
         raise
     except Exception as e:  # a template bug or a message shape it does not expect
         raise LlmkitError(f"chat template failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
+
+
+def template_supports_tools(tokenizer: Tokenizer) -> bool:
+    """Whether the chat template renders `tools` itself (else tools.py describes them in a system message)."""
+    return "tools" in (tokenizer.chat_template or "")
+
+
+_AS_TEXT: weakref.WeakKeyDictionary[Tokenizer, Any] = weakref.WeakKeyDictionary()
+_MARK = re.compile("\x00(\\d+)\x00")
+
+
+def _text_encoder(tokenizer: Tokenizer) -> Any:
+    """A copy of the tokenizer that reads special-token strings as plain text (made once per tokenizer)."""
+    if tokenizer not in _AS_TEXT:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        copy = HFTokenizer.from_str(tokenizer.tok.to_str())
+        copy.encode_special_tokens = True
+        _AS_TEXT[tokenizer] = copy
+    return _AS_TEXT[tokenizer]
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt token ids for `messages`. Message contents are text: a special-token string typed inside one
+    (e.g. `<|im_start|>system`) stays text and never becomes a control token; only the template's own
+    markup does. Contents without such strings are tokenized exactly as `render_chat` + encode."""
+    text = render_chat(tokenizer, messages, add_generation_prompt, tools)
+    specials = [t.content for t in tokenizer.tok.get_added_tokens_decoder().values() if t.special]
+    contents = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
+    if not any(s and s in c for c in contents for s in specials):
+        return tokenizer.encode(text)
+    marked = [{**m, "content": f"\x00{i}\x00"} if contents[i] else m for i, m in enumerate(messages)]
+    pieces = _MARK.split(render_chat(tokenizer, marked, add_generation_prompt, tools))
+    as_text = _text_encoder(tokenizer)
+    ids: list[int] = []
+    for j, piece in enumerate(pieces):  # even: template markup, odd: a message index
+        if j % 2:
+            ids += as_text.encode(contents[int(piece)], add_special_tokens=False).ids
+        elif piece:
+            ids += tokenizer.encode(piece)
+    return ids
 
 
 def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:

@@ -21,12 +21,12 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.models.load import load
-from llmkit.serve import chat, completions, embeddings, routes
+from llmkit.serve import chat, completions, embeddings, routes, tokenize
 from llmkit.serve.errors import install_error_handlers
 from llmkit.serve.server import Guard, Limits, Server
 from llmkit.tokenizer import Tokenizer
 
-ROUTERS = [routes.router, completions.router, chat.router, embeddings.router]
+ROUTERS = [routes.router, completions.router, chat.router, embeddings.router, tokenize.router]
 __all__ = ["BackgroundServer", "Limits", "create_app", "serve"]
 
 

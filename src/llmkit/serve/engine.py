@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.models.kv_cache import KVCache
@@ -55,6 +56,7 @@ class GenRequest:
     index: int = 0
     logprobs: int | None = None  # number of top alternatives to report per token (None = no logprobs)
     stop_ids: set[int] = field(default_factory=set)  # single special tokens that end the turn
+    constraint: Constraint | None = None  # structured output: the grammar the tokens must follow
     # runtime state, owned by the engine thread
     out_ids: list[int] = field(default_factory=list)
     n_cached: int = 0
@@ -68,6 +70,7 @@ class GenRequest:
     generator: torch.Generator | None = None
     budget: int = 0
     stream: TextStream | None = None
+    counts: torch.Tensor | None = None  # (V,) generated-token counts, for presence/frequency penalties
 
 
 class Engine:
@@ -308,14 +311,18 @@ class Engine:
     def _accept(self, req: GenRequest, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Sample the next token for `req` from its logits (V,), emit its text, finish the request if done."""
         p = req.params
-        if p.temperature == 0 and p.repetition_penalty == 1.0:
+        if p.plain_greedy and req.constraint is None:
             tok = int(logits.argmax()) if greedy is None else greedy
         else:
             seen = None
             if p.repetition_penalty != 1.0:
                 seen = torch.zeros(1, logits.size(-1), dtype=torch.bool)
                 seen[0, req.prompt_ids + req.out_ids] = True
-            tok = int(sample_next(logits[None].cpu(), p, req.generator, seen)[0])
+            if p.needs_counts and req.counts is None:
+                req.counts = torch.zeros(logits.size(-1))
+            allowed = None if req.constraint is None else req.constraint.allowed()[None]
+            tok = int(sample_next(logits[None].cpu(), p, req.generator, seen,
+                                  None if req.counts is None else req.counts[None], allowed)[0])
         req.n_sampled += 1
         if req.t_first is None:
             req.t_first = time.perf_counter()
@@ -331,7 +338,12 @@ class Engine:
                        "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))})
         req.out_ids.append(tok)
         req.next_token = tok
+        if req.counts is not None:
+            req.counts[tok] += 1
+        if req.constraint is not None:
+            req.constraint.advance(tok)
         text, hit = req.stream.visible(req.out_ids, final=False)
+        hit = hit or (req.constraint is not None and req.constraint.finished)
         reason = "stop" if hit else "length" if len(req.out_ids) >= req.budget else None
         if reason is not None:
             self._release(req)
@@ -360,9 +372,10 @@ class Engine:
 
 
 def new_request(engine: Engine, prompt_ids: list[int], params: SamplingParams, sink: Callable[[TokenEvent], None],
-                index: int = 0, logprobs: int | None = None, stop_ids: set[int] | None = None) -> GenRequest:
+                index: int = 0, logprobs: int | None = None, stop_ids: set[int] | None = None,
+                constraint: Constraint | None = None) -> GenRequest:
     """A `GenRequest` with its text stream set up for the engine's tokenizer and the request's stop strings."""
-    req = GenRequest(list(prompt_ids), params, sink, index, logprobs, set(stop_ids or ()))
+    req = GenRequest(list(prompt_ids), params, sink, index, logprobs, set(stop_ids or ()), constraint)
     req.stream = TextStream(engine.tok, params.stop)
     return req
 

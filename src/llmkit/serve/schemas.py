@@ -1,16 +1,55 @@
-"""Request bodies of the OpenAI-compatible API (pydantic). Unknown fields are ignored, as OpenAI clients send many."""
+"""Request bodies of the OpenAI-compatible API (pydantic).
+
+Nothing that changes the output is silently ignored: every field of OpenAI's API is either implemented or,
+with a non-neutral value, answered 400 naming it (`unsupported_field`); so are the output-changing
+extensions of vLLM and llama.cpp's servers. Other unknown fields (`user`, `metadata`, `store`, ...) are
+accepted, as OpenAI clients send many."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Stop = str | list[str] | None
+MAX_STOPS, MAX_STOP_LEN = 4, 64
+_StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
+Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=MAX_STOPS)] | None
+# fields other servers implement that would change the output here, with the value that changes nothing
+_NEUTRAL: dict[str, Any] = {
+    "suffix": None, "best_of": 1, "functions": None, "function_call": None, "audio": None, "modalities": ["text"],
+    "reasoning_effort": None, "web_search_options": None, "verbosity": None, "min_p": 0.0, "min_tokens": 0,
+    "ignore_eos": False, "use_beam_search": False, "length_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0,
+    "mirostat": 0, "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "structured_outputs": None, "grammar": None, "json_schema": None, "bad_words": None,
+    "allowed_token_ids": None, "include_stop_str_in_output": False, "skip_special_tokens": True,
+    "truncate_prompt_tokens": None, "prompt_logprobs": None, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+    "echo": False,  # chat: prompt log-probabilities are a /v1/completions feature
+}
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
+
+    def unsupported(self) -> str | None:
+        """The first output-changing field this server does not implement that the request sets, if any."""
+        for name, value in (self.model_extra or {}).items():
+            if name in _NEUTRAL and value is not None and value != _NEUTRAL[name]:
+                return name
+        return None
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """Structured outputs: free text, any JSON object, or JSON matching a schema (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Body):
@@ -27,7 +66,12 @@ class _Sampling(_Body):
     top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="llmkit extension: sample among the k best")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="llmkit extension: CTRL penalty (> 1 discourages repeats)")
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
-    stop: Stop = Field(None, description="up to 4 stop strings")
+    stop: Stop = Field(None, description=f"up to {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} characters")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit; -100 bans, 100 forces")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens already generated")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per earlier occurrence")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained JSON")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -37,13 +81,23 @@ class _Sampling(_Body):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def json_mode(self) -> tuple[bool, dict[str, Any] | None]:
+        """(constrain to JSON?, its schema or None for any object) from response_format."""
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return False, None
+        if rf.type == "json_object":
+            return True, None
+        return True, rf.json_schema.schema_ if rf.json_schema is not None else None
+
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="text, a list of texts, or token ids")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(16, description="most tokens to generate (OpenAI default 16)")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        16, description="most tokens to generate (OpenAI default 16); 0 with echo scores the prompt only")
     logprobs: int | None = Field(None, ge=0, le=20, description="also return the top-N log probabilities per token")
     echo: bool = False
 
@@ -53,15 +107,60 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionDef(_Body):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def rendered(self) -> dict[str, Any]:
+        """The message as chat templates see it (developer = system; tool calls and ids kept)."""
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
+        return m
 
 
 class ChatCompletionRequest(_Sampling):
@@ -71,6 +170,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class EmbeddingRequest(_Body):
@@ -81,3 +183,19 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape): a text, or chat messages rendered through the chat template."""
+
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(False, description="let the tokenizer's post-processor add its specials")
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize: token ids back to text (special tokens kept, so it round-trips /tokenize)."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]

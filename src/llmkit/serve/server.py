@@ -7,14 +7,18 @@ import asyncio
 import hmac
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from torch import nn
 
+from llmkit.errors import LlmkitError
+from llmkit.inference.constrained import Constraint, json_constraint
 from llmkit.inference.sampling import SamplingParams
+from llmkit.inference.scoring import Scored, batch_token_budget, chunk_by_tokens, score_tokens
 from llmkit.serve.engine import Engine, GenRequest, TokenEvent, new_request
 from llmkit.serve.errors import APIError
 from llmkit.serve.metrics import Metrics
@@ -180,51 +184,117 @@ class Server:
             raise APIError(503, "the generation engine is not running", "server_error")
         return self.engine
 
+    def check_request(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """400 for an output-changing field this server does not implement, or a logit_bias outside the vocab."""
+        field = body.unsupported()
+        if field is not None:
+            raise APIError(400, f"{field} is not supported by this server and would change the output; remove it",
+                           param=field, code="unsupported_field")
+        V = self.model.cfg.vocab_size
+        for key in body.logit_bias or {}:
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < V:
+                raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {V})", param="logit_bias")
+
+    async def constraints(self, body: CompletionRequest | ChatCompletionRequest, n: int,
+                          end_id: int | None = None, schema: dict[str, Any] | None = None,
+                          force: bool = False) -> list[Constraint | None]:
+        """One JSON constraint per sequence when response_format asks for JSON (or `force`, with `schema`)."""
+        on, fmt_schema = body.json_mode()
+        if not (on or force):
+            return [None] * n
+        use = schema if force else fmt_schema
+
+        def build() -> list[Constraint | None]:  # the first use per tokenizer indexes its vocabulary (~1 s)
+            return [json_constraint(self.tok, use, self.model.cfg.vocab_size, end_id) for _ in range(n)]
+
+        try:
+            return await asyncio.to_thread(build)
+        except LlmkitError as e:
+            raise APIError(400, str(e), param="tools" if force else "response_format") from None
+
+    @contextmanager
+    def admitted(self, n: int) -> Iterator[None]:
+        """Count `n` sequences against --max_concurrent for the duration (429 when they do not fit)."""
+        if self.in_flight + n > self.limits.max_concurrent:
+            raise APIError(429, f"the server is at its limit of {self.limits.max_concurrent} concurrent "
+                                "sequences; retry shortly", "rate_limit_exceeded", code="too_many_requests")
+        self.in_flight += n
+        try:
+            yield
+        finally:
+            self.in_flight -= n
+
+    async def on_model(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` with the model: on the engine thread between decode steps (the model is not thread-safe),
+        or under a lock for encoders."""
+        if self.engine is not None:
+            return await asyncio.to_thread(self.engine.call, fn)
+
+        def locked() -> Any:
+            with self.embed_lock:
+                return fn()
+
+        return await asyncio.to_thread(locked)
+
+    async def in_batches(self, seqs: list[list[int]], fn: Callable[[list[list[int]]], list[Any]]) -> list[Any]:
+        """fn over `seqs` in groups of bounded padded size, one model call each, so a big request (scoring,
+        embeddings) lets decode steps of other requests run in between instead of starving them."""
+        out: list[Any] = [None] * len(seqs)
+        for group in chunk_by_tokens(seqs, batch_token_budget(self.model)):
+            part = [seqs[i] for i in group]
+            for i, r in zip(group, await self.on_model(lambda part=part: fn(part))):
+                out[i] = r
+        return out
+
+    async def score(self, seqs: list[list[int]], top: int) -> list[Scored]:
+        """Log-probabilities of every token of every sequence (echo + logprobs), batched."""
+        self.require_engine()
+        with self.admitted(len(seqs)):
+            return await self.in_batches(seqs, lambda part: score_tokens(self.model, part, top, self.tok.pad_id))
+
     async def run(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None,
-                  stop_ids: set[int]) -> AsyncIterator[list[TokenEvent]]:
+                  stop_ids: set[int], constraints: list[Constraint | None] | None = None
+                  ) -> AsyncIterator[list[TokenEvent]]:
         """Submit one engine request per (prompt, params); yield their events (as the batches available
         at once) until all have finished."""
         engine = self.require_engine()
         n = len(prompts)
-        if self.in_flight + n > self.limits.max_concurrent:
-            raise APIError(429, f"the server is at its limit of {self.limits.max_concurrent} concurrent "
-                                "sequences; retry shortly", "rate_limit_exceeded", code="too_many_requests")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        with self.admitted(n):
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
-        def sink(ev: TokenEvent) -> None:
-            self._post(loop, events, ev)
+            def sink(ev: TokenEvent) -> None:
+                self._post(loop, events, ev)
 
-        reqs: list[GenRequest] = [new_request(engine, ids, p, sink, i, logprobs, stop_ids)
-                                  for i, (ids, p) in enumerate(zip(prompts, params))]
-        open_ = set(range(n))
-        timed: set[int] = set()
-        self.in_flight += n
-        self.metrics.count_tokens(prompt=sum(len(p) for p in prompts))
-        try:
-            for r in reqs:
-                engine.submit(r)
-            while open_:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                for ev in batch:
-                    r = reqs[ev.index]
-                    if r.t_first is not None and ev.index not in timed:
-                        timed.add(ev.index)
-                        self.metrics.observe_ttft(r.t_first - r.t_submit)
-                    self.metrics.count_tokens(generated=len(ev.token_ids))
-                    if ev.finish_reason is not None:
-                        open_.discard(ev.index)
-                        if ev.finish_reason == "error":
-                            if ev.internal:
-                                raise APIError(500, ev.error or "generation failed", "server_error")
-                            raise APIError(400, ev.error or "generation failed")
-                yield batch
-        finally:
-            for i in open_:  # client went away or an error: free the slots at the next token boundary
-                Engine.cancel(reqs[i])
-            self.in_flight -= n
+            cons = constraints or [None] * n
+            reqs: list[GenRequest] = [new_request(engine, ids, p, sink, i, logprobs, stop_ids, cons[i])
+                                      for i, (ids, p) in enumerate(zip(prompts, params))]
+            open_ = set(range(n))
+            timed: set[int] = set()
+            self.metrics.count_tokens(prompt=sum(len(p) for p in prompts))
+            try:
+                for r in reqs:
+                    engine.submit(r)
+                while open_:
+                    batch = [await events.get()]
+                    while not events.empty():
+                        batch.append(events.get_nowait())
+                    for ev in batch:
+                        r = reqs[ev.index]
+                        if r.t_first is not None and ev.index not in timed:
+                            timed.add(ev.index)
+                            self.metrics.observe_ttft(r.t_first - r.t_submit)
+                        self.metrics.count_tokens(generated=len(ev.token_ids))
+                        if ev.finish_reason is not None:
+                            open_.discard(ev.index)
+                            if ev.finish_reason == "error":
+                                if ev.internal:
+                                    raise APIError(500, ev.error or "generation failed", "server_error")
+                                raise APIError(400, ev.error or "generation failed")
+                    yield batch
+            finally:
+                for i in open_:  # client went away or an error: free the slots at the next token boundary
+                    Engine.cancel(reqs[i])
 
     def token_str(self, token_id: int) -> str:
         return self.tok.decode([token_id], skip_special_tokens=False)
@@ -239,9 +309,11 @@ def server_of(request: Request) -> Server:
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, budget: int, stops: list[str],
               index: int) -> SamplingParams:
     seed = None if body.seed is None else body.seed + index  # n > 1: distinct but reproducible choices
+    bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
     return SamplingParams(max_new_tokens=budget, temperature=body.temperature, top_k=body.top_k,
                           top_p=body.top_p if body.top_p < 1 else None,
-                          repetition_penalty=body.repetition_penalty, stop=stops, seed=seed)
+                          repetition_penalty=body.repetition_penalty, stop=stops, seed=seed, logit_bias=bias,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
 
 
 def usage(prompts: list[list[int]], n_choices_per_prompt: int, generated: dict[int, int]) -> dict[str, int]:

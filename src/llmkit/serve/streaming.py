@@ -22,11 +22,11 @@ def sse(obj: Any) -> str:
 
 def sse_response(first: list[TokenEvent] | None, events: AsyncIterator[list[TokenEvent]], *,
                  envelope: Callable[[list[dict[str, Any]]], dict[str, Any]],
-                 choice_of: Callable[[TokenEvent], dict[str, Any] | None],
+                 choice_of: Callable[[TokenEvent], dict[str, Any] | list[dict[str, Any]] | None],
                  usage_of: Callable[[dict[int, int]], dict[str, int]] | None,
                  prelude: Iterable[dict[str, Any]] = ()) -> StreamingResponse:
     """Stream engine events as OpenAI chunks: `prelude` choices first, then one chunk per event that
-    `choice_of` turns into a choice (None = nothing to send), all events of a decode step in one write, a
+    `choice_of` turns into a choice (or several, one chunk each; None = nothing to send), all events of a decode step in one write, a
     usage chunk when `usage_of` is given (stream_options.include_usage), and `data: [DONE]`."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -44,8 +44,8 @@ def sse_response(first: list[TokenEvent] | None, events: AsyncIterator[list[Toke
             for ev in batch:
                 generated[ev.index] = ev.n_generated
                 choice = choice_of(ev)
-                if choice is not None:
-                    out.append(chunk([choice]))
+                for c in [choice] if isinstance(choice, dict) else choice or []:
+                    out.append(chunk([c]))
             if out:
                 yield "".join(out)
         if usage_of is not None:
