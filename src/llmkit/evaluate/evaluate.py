@@ -6,12 +6,14 @@ entity report, language models the perplexity of a text file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 from llmkit.data.corpus import read_corpus
 from llmkit.data.labeled import prepare_tokenizer
 from llmkit.errors import LlmkitError
+from llmkit.evaluate import harness
 from llmkit.evaluate.perplexity import perplexity_of_ids
 from llmkit.io import atomic_write_json
 from llmkit.metrics.classification import confusion, plot_confusion
@@ -24,8 +26,14 @@ from llmkit.train.finetune.task import Encoded, FinetuneTask, HeadData, encode_c
 
 def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"] = "test",
              text_field: str | None = None, label_field: str | None = None, stride: int = 0,
-             max_tokens: int = 0, out: str | None = None, device: str = "cpu") -> dict[str, Any]:
+             max_tokens: int = 0, out: str | None = None, device: str = "cpu", tasks: str | list[str] | None = None,
+             include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
+             batch_size: int = 16) -> dict[str, Any]:
     """Evaluate a checkpoint; results go to CKPT/eval_results.json (or `out`).
+
+    With --tasks, runs lm-evaluation-harness tasks on the checkpoint in process (shipped offline tasks:
+    llmkit_rt_sentiment, llmkit_bible_lastword, llmkit_chatterbot_qa, llmkit_zh_sentiment; or your own YAMLs
+    in --include_path) and adds lm-eval's results under "lm_eval" in eval_results.json.
 
     Args:
         ckpt: checkpoint folder (fine-tuned classifier/NER/multitask model, or a language model).
@@ -38,16 +46,42 @@ def evaluate(ckpt: str, *, data: str | None = None, split: Literal["test", "val"
         max_tokens: score only the first N tokens of the text (0 = all).
         out: results JSON path (default CKPT/eval_results.json).
         device: cpu or cuda.
+        tasks: lm-eval task names, comma-separated (or a list).
+        include_path: a folder of your own lm-eval task YAMLs (e.g. on local JSONL with dataset_path: json).
+        limit: score at most N documents per task.
+        num_fewshot: few-shot examples per prompt (default: the task's).
+        batch_size: sequences per scoring forward.
 
     Examples:
         llmkit evaluate runs/rt-cls
         llmkit evaluate runs/rt-cls --data my_reviews.csv --out runs/rt-cls/my_reviews.json
         llmkit evaluate runs/wnut-ner
         llmkit evaluate runs/demo --data bible --max_tokens 50000
+        llmkit evaluate runs/sft --tasks llmkit_rt_sentiment,llmkit_bible_lastword --limit 200
+        llmkit evaluate runs/sft --tasks my_task --include_path my_tasks/
     """
+    if tasks:
+        return _evaluate_tasks(ckpt, tasks, include_path, limit, num_fewshot, batch_size, device, out)
     meta = read_meta(ckpt)
     results = (_evaluate_heads(ckpt, meta, data, split, text_field, label_field, device, out)
                if "heads" in meta else _evaluate_lm(ckpt, meta, data, stride, max_tokens, device, out))
+    return results
+
+
+def _evaluate_tasks(ckpt: str, tasks: str | list[str], include_path: str | None, limit: int | None,
+                    num_fewshot: int | None, batch_size: int, device: str, out: str | None) -> dict[str, Any]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    model, tok = load(ckpt, device)
+    if tok is None:
+        raise LlmkitError(f"{ckpt} has no tokenizer.json; lm-eval tasks need one to read text")
+    res = harness.run_tasks(model, tok, names, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                            batch_size=batch_size)
+    print(harness.results_table(res))
+    path = Path(out) if out else Path(ckpt) / "eval_results.json"
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    results = {**previous, "checkpoint": str(ckpt), "lm_eval": harness.summary(res)}
+    atomic_write_json(path, results)
+    print(f"wrote {path}")
     return results
 
 

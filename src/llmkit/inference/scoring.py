@@ -44,17 +44,24 @@ def batch_token_budget(model: nn.Module) -> int:
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, seqs: list[list[int]], top: int = 0, pad_id: int = 0,
-                 max_batch_tokens: int | None = None) -> list[Scored]:
+                 max_batch_tokens: int | None = None, with_next: bool = False) -> list[Scored]:
     """Score every sequence (each at least one token long) in batched forwards of bounded size.
 
     top: also return the `top` best (token, log-probability) pairs at each position.
-    max_batch_tokens: padded tokens per forward (default: a bound keeping the (B, T, V) logits ~256 MB)."""
+    max_batch_tokens: padded tokens per forward (default: a bound keeping the (B, T, V) logits ~256 MB).
+    with_next: also the distribution after the last token (`next_top`, `next_greedy`); then a sequence may
+        hold up to block_size tokens, otherwise block_size + 1 (the last token is only predicted)."""
     model.eval()
     budget = max_batch_tokens or batch_token_budget(model)
     device = next(model.parameters()).device
     out: list[Scored | None] = [None] * len(seqs)
+    cut = 0 if with_next else 1
     for group in chunk_by_tokens(seqs, budget):
-        idx, mask = pad([seqs[i] for i in group], pad_id)
+        if max(len(seqs[i]) for i in group) <= cut:  # single tokens: nothing to predict
+            for i in group:
+                out[i] = Scored([], [])
+            continue
+        idx, mask = pad([seqs[i][: len(seqs[i]) - cut] for i in group], pad_id)
         logp = torch.log_softmax(model(idx.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
         best_v, best_i = logp.max(-1)  # (B, T)
         topv, topi = torch.topk(logp, top, -1) if top > 0 else (None, None)
@@ -63,10 +70,11 @@ def score_tokens(model: nn.Module, seqs: list[list[int]], top: int = 0, pad_id: 
             n = len(ids)
             tgt = torch.tensor(ids[1:], dtype=torch.long)
             lp = logp[row, : n - 1].gather(-1, tgt[:, None])[:, 0] if n > 1 else torch.zeros(0)
-            s = Scored(lp.tolist(), (best_i[row, : n - 1] == tgt).tolist(),
-                       next_greedy=(int(best_i[row, n - 1]), float(best_v[row, n - 1])))
+            s = Scored(lp.tolist(), (best_i[row, : n - 1] == tgt).tolist())
+            if with_next:
+                s.next_greedy = (int(best_i[row, n - 1]), float(best_v[row, n - 1]))
             if topv is not None:
-                pairs = [list(zip(topi[row, j].tolist(), topv[row, j].tolist())) for j in range(n)]
-                s.top, s.next_top = pairs[: n - 1], pairs[n - 1]
+                pairs = [list(zip(topi[row, j].tolist(), topv[row, j].tolist())) for j in range(n - cut)]
+                s.top, s.next_top = pairs[: n - 1], pairs[n - 1] if with_next else []
             out[i] = s
     return [s for s in out if s is not None]

@@ -250,7 +250,8 @@ class Server:
         """Log-probabilities of every token of every sequence (echo + logprobs), batched."""
         self.require_engine()
         with self.admitted(len(seqs)):
-            return await self.in_batches(seqs, lambda part: score_tokens(self.model, part, top, self.tok.pad_id))
+            return await self.in_batches(seqs, lambda part: score_tokens(self.model, part, top, self.tok.pad_id,
+                                                                          with_next=True))
 
     async def run(self, prompts: list[list[int]], params: list[SamplingParams], logprobs: int | None,
                   stop_ids: set[int], constraints: list[Constraint | None] | None = None
