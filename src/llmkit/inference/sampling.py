@@ -114,8 +114,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if counts is not None:
         logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     logits = apply_allowed(logits, allowed)
-    if params.temperature == 0:
+    if params.temperature < 1e-4:  # 0 = greedy; below 1e-4 logits / T overflows, and the argmax is the answer
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    best = logits.argmax(-1)
+    probs = filter_logits(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1)  # extreme settings (top_p 1e-300) can underflow: take the argmax
+    if bad.any():
+        probs[bad] = torch.nn.functional.one_hot(best[bad], probs.size(-1)).to(probs.dtype)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import template_supports_tools
 from llmkit.tokenizer import Tokenizer
 
@@ -26,10 +27,19 @@ TOOL_SYSTEM = (
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
+def _args(call: dict[str, Any]) -> Any:
+    """The arguments of an earlier call as a mapping (they arrive as JSON text)."""
+    args = call["function"]["arguments"]
+    if not isinstance(args, str):
+        return args or {}
+    try:
+        return json.loads(args) if args.strip() else {}
+    except json.JSONDecodeError:
+        raise LlmkitError(f"tool call {call.get('id', '')!r}: function.arguments is not JSON text") from None
+
+
 def _call_text(call: dict[str, Any]) -> str:
-    fn = call["function"]
-    args = fn["arguments"]
-    args = json.loads(args) if isinstance(args, str) and args.strip() else (args or {})
+    fn, args = call["function"], _args(call)
     return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
 
 
@@ -42,8 +52,8 @@ def prepare_messages(tok: Tokenizer, messages: list[dict[str, Any]], tools: list
         for m in messages:
             m = dict(m)
             if m.get("tool_calls"):  # templates expect the arguments as a mapping, as transformers passes them
-                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(
-                    c["function"]["arguments"] or "{}")}} for c in m["tool_calls"]]
+                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _args(c)}}
+                                   for c in m["tool_calls"]]
             out.append(m)
         return out, tools
     out = []

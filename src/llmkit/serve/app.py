@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from torch import nn
@@ -32,7 +33,8 @@ __all__ = ["BackgroundServer", "Limits", "create_app", "serve"]
 
 def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key: str | None = None,
                max_batch: int = 8, limits: Limits | None = None, model_name: str | None = None,
-               device: str = "cpu", max_context: int | None = 2048, stream_interval: float = 0.02) -> FastAPI:
+               device: str = "cpu", max_context: int | None = 2048, stream_interval: float = 0.02,
+               open_pages: bool = False) -> FastAPI:
     """Build the FastAPI app serving one checkpoint folder (or an in-memory (model, tokenizer) pair)."""
     if isinstance(checkpoint, tuple):
         model, tok = checkpoint
@@ -64,8 +66,42 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(Guard, limits=srv.limits, metrics=srv.metrics)
+    app.openapi = lambda: _openapi(app)
+    app.add_middleware(Guard, limits=srv.limits, metrics=srv.metrics, api_key=api_key, open_pages=open_pages)
     return app
+
+
+def _bound(node: Any, vocab: int, max_tokens: int) -> None:
+    """Write this server's real limits into the spec: token ids < vocab, max_tokens <= the server's cap."""
+    if isinstance(node, dict):
+        if node.pop("x-token-id", None):
+            node["maximum"] = vocab - 1
+        for key in ("max_tokens", "max_completion_tokens"):
+            prop = node.get("properties", {}).get(key) if isinstance(node.get("properties"), dict) else None
+            for alt in (prop or {}).get("anyOf", [prop] if prop else []):
+                if alt.get("type") == "integer":
+                    alt["maximum"] = max_tokens
+        for v in node.values():
+            _bound(v, vocab, max_tokens)
+    elif isinstance(node, list):
+        for v in node:
+            _bound(v, vocab, max_tokens)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's spec with the served model's limits and without FastAPI's default 422 (this server answers
+    validation errors 400, as OpenAI does)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in spec.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        srv = app.state.server
+        _bound(spec, srv.model.cfg.vocab_size, srv.limits.max_tokens or srv.block_size)
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 # ----------------------------------------------------------------------------------------------- running it
@@ -112,7 +148,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
           max_prompt_tokens: int | None = None, max_body_bytes: int = 1_000_000, max_context: int | None = 2048,
           model_name: str | None = None,
           device: str = "cpu", threads: int | None = None, stream_interval: float = 0.02,
-          graceful_timeout: float = 30.0) -> None:
+          graceful_timeout: float = 30.0, open_pages: bool = False) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat playground at `/`.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with SSE),
@@ -137,6 +173,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         stream_interval: seconds between writes to a stream (0 = after every token); tokens produced in
             between go out together, still one SSE event each. 0.02 s is smooth to read and saves CPU.
         graceful_timeout: seconds to let running requests finish after SIGTERM before cancelling them.
+        open_pages: with an API key, still serve /metrics, /docs and /openapi.json without it.
 
     Examples:
         llmkit serve runs/demo
@@ -152,7 +189,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_concurrent=max_concurrent)
     app = create_app(checkpoint, api_key=api_key, max_batch=max_batch, limits=limits, model_name=model_name,
-                     device=device, max_context=max_context, stream_interval=stream_interval)
+                     device=device, max_context=max_context, stream_interval=stream_interval, open_pages=open_pages)
     name = app.state.server.name
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"serving {name!r} on http://{shown}:{port}  (playground: http://{shown}:{port}/ , "

@@ -14,11 +14,11 @@ from llmkit.inference.chat_template import chat_stop_strings, encode_chat
 from llmkit.inference.tools import call_schema, may_be_call, parse_tool_calls, prepare_messages
 from llmkit.serve.engine import TokenEvent
 from llmkit.serve.errors import APIError
-from llmkit.serve.schemas import ChatCompletionRequest
+from llmkit.serve.schemas import ERROR_RESPONSES, STREAM_OR_JSON, ChatCompletionRequest
 from llmkit.serve.server import Server, check_api_key, sampling_params, server_of, stop_ids, usage
 from llmkit.serve.streaming import collect, first_or_error, sse_response
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _logprob_items(srv: Server, evs: list[TokenEvent]) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def _message(text: str, tools: list[dict[str, Any]] | None, parallel: bool) -> t
                             "function": {"name": n, "arguments": a}} for n, a in calls]}, True
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(check_api_key)])
+@router.post("/v1/chat/completions", dependencies=[Depends(check_api_key)], responses=STREAM_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request,  # noqa: ANN201 (JSON or a stream)
                            srv: Server = Depends(server_of)):
     srv.check_model(body.model)

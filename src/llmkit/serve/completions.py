@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, Request
 
 from llmkit.inference.scoring import Scored
 from llmkit.serve.engine import TokenEvent
-from llmkit.serve.schemas import CompletionRequest
+from llmkit.serve.schemas import ERROR_RESPONSES, STREAM_OR_JSON, CompletionRequest
 from llmkit.serve.server import Server, check_api_key, sampling_params, server_of, stop_ids, usage
 from llmkit.serve.streaming import collect, first_or_error, sse_response
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def _logprobs(srv: Server, evs: list[TokenEvent], offset: int, prompt: tuple[list[int], Scored] | None = None
@@ -74,7 +74,7 @@ def _from_scores(srv: Server, scored: list[Scored], budget: int, want_lp: bool) 
     return out
 
 
-@router.post("/v1/completions", dependencies=[Depends(check_api_key)])
+@router.post("/v1/completions", dependencies=[Depends(check_api_key)], responses=STREAM_OR_JSON)
 async def completions(body: CompletionRequest, request: Request,  # noqa: ANN201 (JSON or a stream)
                       srv: Server = Depends(server_of)):
     srv.check_model(body.model)

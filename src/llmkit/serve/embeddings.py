@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 from typing import Any
@@ -11,10 +10,10 @@ from fastapi import APIRouter, Depends
 
 from llmkit.inference.embed import embed_texts, mean_pool_embeddings
 from llmkit.serve.errors import APIError
-from llmkit.serve.schemas import EmbeddingRequest
+from llmkit.serve.schemas import ERROR_RESPONSES, EmbeddingRequest
 from llmkit.serve.server import Server, check_api_key, server_of
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 MAX_INPUTS = 2048
 
 
@@ -42,18 +41,16 @@ async def embeddings(body: EmbeddingRequest, srv: Server = Depends(server_of)) -
     srv.check_model(body.model)
     texts, ids = _input_ids(srv, body)
 
-    def compute() -> list[list[float]]:
+    def compute(part: list[list[int]]) -> list[list[float]]:
         if texts is not None:  # the same vectors as `llmkit embed` / `llmkit search`
-            return embed_texts(srv.model, srv.tok, texts).tolist()
-        return mean_pool_embeddings(srv.model, srv.tok, ids)  # token-id input
+            return embed_texts(srv.model, srv.tok, [texts[by_ids[tuple(x)]] for x in part]).tolist()
+        return mean_pool_embeddings(srv.model, srv.tok, part)  # token-id input
 
-    def locked() -> list[list[float]]:
-        with srv.embed_lock:
-            return compute()
-
-    # on the engine thread between decode steps (the model is not thread-safe), or under a lock for encoders
-    vecs = await asyncio.to_thread(srv.engine.call, compute) if srv.engine is not None else \
-        await asyncio.to_thread(locked)
+    by_ids = {tuple(x): i for i, x in enumerate(ids)} if texts is not None else {}
+    # counted against --max_concurrent; run on the engine thread (the model is not thread-safe) in bounded
+    # batches, so decode steps of running generations go on between them
+    with srv.admitted(len(ids)):
+        vecs = await srv.in_batches(ids, compute)
     if body.dimensions is not None:
         vecs = [v[: body.dimensions] for v in vecs]
     n_tok = sum(len(x) for x in ids)

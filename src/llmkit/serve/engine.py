@@ -14,6 +14,7 @@ Finished, stopped and cancelled requests free their slot at once.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,8 @@ from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.models.kv_cache import KVCache
 from llmkit.tokenizer import Tokenizer
+
+log = logging.getLogger("llmkit.serve")
 
 
 @dataclass
@@ -208,11 +211,13 @@ class Engine:
                 self._release(req)
                 req.sink(TokenEvent(req.index, "", [], [], "error", error=str(e)))
             except Exception as e:
+                log.error("prefill failed", exc_info=e)
                 self._release(req)
                 req.sink(TokenEvent(req.index, "", [], [], "error", error=f"internal error: {type(e).__name__}: {e}",
                                     internal=True))
 
     def _fail_running(self, e: Exception) -> None:
+        log.error("decode step failed; failing the running batch", exc_info=e)
         for r in self.slots:
             if r is not None:
                 self._release(r)

@@ -3,6 +3,8 @@ failure one: validation errors, HTTP errors, llmkit's own errors and crashes."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -10,23 +12,33 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.errors import LlmkitError
 
+log = logging.getLogger("llmkit.serve")
+
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        headers = {**self.headers, **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
+        return JSONResponse(body, status_code=self.status, headers=headers or None)
 
 
+def request_id(r: Request) -> str:
+    return getattr(r.state, "request_id", "-")
 
-async def _api_error(_r: Request, e: APIError) -> JSONResponse:
+
+async def _api_error(r: Request, e: APIError) -> JSONResponse:
+    if e.status >= 500:  # the traceback goes to the log under the request id the client also got
+        log.error("request %s: %s %s -> %d %s", request_id(r), r.method, r.url.path, e.status, e.message,
+                  exc_info=e.__cause__ or e)
+        e.message = f"{e.message} (request id {request_id(r)}; the server log has the details)"
     return e.response()
 
 
@@ -45,7 +57,7 @@ async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
 
 async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return APIError(e.status_code, str(e.detail), kind).response()
+    return APIError(e.status_code, str(e.detail), kind, headers=e.headers).response()  # 405 keeps its Allow
 
 
 
@@ -54,15 +66,16 @@ async def _llmkit(_r: Request, e: LlmkitError) -> JSONResponse:
 
 
 
-async def _crash(_r: Request, e: Exception) -> JSONResponse:
-    return APIError(500, f"internal error: {type(e).__name__}", "server_error").response()
-
+def crash_response(rid: str, method: str, path: str, e: BaseException) -> JSONResponse:
+    """A crash: the traceback to the log under the request id, a 500 naming only the id to the client."""
+    log.error("request %s: %s %s crashed", rid, method, path, exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__} (request id {rid}; the server log has the "
+                         "traceback)", "server_error").response()
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error as an OpenAI error object; a crash is a 500 without a traceback."""
+    """Answer every error as an OpenAI error object (crashes: serve.server.Guard, via `crash_response`)."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(LlmkitError, _llmkit)
-    app.add_exception_handler(Exception, _crash)

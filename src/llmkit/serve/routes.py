@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
+from llmkit.serve.schemas import ERROR_RESPONSES
 from llmkit.serve.server import Server, check_api_key, server_of
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

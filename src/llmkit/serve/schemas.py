@@ -9,9 +9,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_STOPS, MAX_STOP_LEN = 4, 64
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; strict pydantic would not."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+
+
+def Int(**bounds: Any) -> Any:  # noqa: N802 (used as a type)
+    """An integer field (bounds as Field's ge/le) that takes 5.0 as 5; bounds stay JSON Schema minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# a token id; app._openapi writes the served vocabulary's bound into the spec as its maximum
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={"x-token-id": True}), BeforeValidator(_integral)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Texts = Annotated[list[str], Field(min_length=1)]
 _StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=MAX_STOPS)] | None
 # fields other servers implement that would change the output here, with the value that changes nothing
@@ -28,7 +44,7 @@ _NEUTRAL: dict[str, Any] = {
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "0" for false
 
     def unsupported(self) -> str | None:
         """The first output-changing field this server does not implement that the request sets, if any."""
@@ -60,19 +76,20 @@ class _Sampling(_Body):
     """Fields shared by completions and chat completions."""
 
     model: str | None = Field(None, description="served model id (GET /v1/models); defaults to it")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="most tokens to generate")
+    max_tokens: Int(ge=1) | None = Field(None, description="most tokens to generate")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="llmkit extension: sample among the k best")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="llmkit extension: CTRL penalty (> 1 discourages repeats)")
-    n: int = Field(1, ge=1, le=16, description="choices per prompt")
+    top_k: Int(ge=1) | None = Field(None, description="llmkit extension: sample among the k best")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="llmkit extension: CTRL penalty (> 1 discourages repeats)")
+    n: Int(ge=1, le=16) = Field(1, description="choices per prompt")
     stop: Stop = Field(None, description=f"up to {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} characters")
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="token id (as a string) -> bias added to its logit; -100 bans, 100 forces")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens already generated")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per earlier occurrence")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained JSON")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Int(ge=0, le=2**53) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -94,11 +111,11 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
         ..., description="text, a list of texts, or token ids")
-    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+    max_tokens: Int(ge=0) | None = Field(
         16, description="most tokens to generate (OpenAI default 16); 0 with echo scores the prompt only")
-    logprobs: int | None = Field(None, ge=0, le=20, description="also return the top-N log probabilities per token")
+    logprobs: Int(ge=0, le=20) | None = Field(None, description="also return the top-N log probabilities per token")
     echo: bool = False
 
 
@@ -167,9 +184,9 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int(ge=0, le=20) | None = None
     tools: list[Tool] | None = Field(None, max_length=64)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -178,19 +195,26 @@ class ChatCompletionRequest(_Sampling):
 class EmbeddingRequest(_Body):
     """POST /v1/embeddings."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: Int(ge=1) | None = None
     user: str | None = None
 
 
-class TokenizeRequest(_Body):
-    """POST /tokenize (vLLM's shape): a text, or chat messages rendered through the chat template."""
+class TokenizeText(_Body):
+    """POST /tokenize (vLLM's shape) of a text."""
 
-    prompt: str | None = Field(None, max_length=1_000_000)
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    prompt: str
     add_special_tokens: bool = Field(False, description="let the tokenizer's post-processor add its specials")
+    return_token_strs: bool = False
+
+
+class TokenizeChat(_Body):
+    """POST /tokenize (vLLM's shape) of chat messages, rendered through the chat template."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
@@ -198,4 +222,28 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     """POST /detokenize: token ids back to text (special tokens kept, so it round-trips /tokenize)."""
 
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape; the `x-request-id` response header names the request in the log."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {400: "bad request: invalid JSON, a field out of range, an unsupported field, a too long prompt",
+           401: "missing or wrong API key", 404: "unknown model", 413: "request body over --max_body_bytes",
+           429: "over --max_concurrent sequences; retry", 500: "server error (logged under the request id)",
+           503: "the generation engine is not running"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}
+STREAM_OR_JSON: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the whole answer (JSON), or with stream: true server-sent events",
+          "content": {"application/json": {}, "text/event-stream": {}}}}

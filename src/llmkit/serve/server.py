@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from llmkit.inference.constrained import Constraint, json_constraint
 from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.scoring import Scored, batch_token_budget, chunk_by_tokens, score_tokens
 from llmkit.serve.engine import Engine, GenRequest, TokenEvent, new_request
-from llmkit.serve.errors import APIError
+from llmkit.serve.errors import APIError, crash_response
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.schemas import ChatCompletionRequest, CompletionRequest
 from llmkit.tokenizer import Tokenizer
@@ -36,24 +38,51 @@ class Limits:
     max_concurrent: int = 64  # sequences queued or running at once (n counts each choice)
 
 
-class Guard:
-    """ASGI middleware: request-body size limit (413) and request counting for /metrics."""
+PROTECTED_PAGES = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+_RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-    def __init__(self, app: Any, limits: Limits, metrics: Metrics):
+
+def key_ok(api_key: str | None, authorization: str) -> bool:
+    """Whether an `Authorization` header carries the API key (constant-time; no key set = open)."""
+    if api_key is None:
+        return True
+    given = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+class Guard:
+    """ASGI middleware: a request id on every request and response (`x-request-id`, the client's own if it
+    sends a sane one), the API key on /metrics and the API docs too (unless `open_pages`), the request-body
+    size limit (413) and request counting for /metrics."""
+
+    def __init__(self, app: Any, limits: Limits, metrics: Metrics, api_key: str | None = None,
+                 open_pages: bool = False):
         self.app, self.limits, self.metrics = app, limits, metrics
+        self.api_key, self.open_pages = api_key, open_pages
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        status: dict[str, Any] = {"code": 500, "started": False}
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _RID.match(given) else f"req-{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
+            if (self.api_key is not None and not self.open_pages and scope["path"] in PROTECTED_PAGES
+                    and not key_ok(self.api_key, headers.get(b"authorization", b"").decode("latin-1"))):
+                await APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY' (or start "
+                                    "the server with --open_pages)", code="invalid_api_key"
+                               ).response()(scope, receive, send_counted)
+                return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 limit = self.limits.max_body_bytes
                 declared = dict(scope["headers"]).get(b"content-length")
@@ -87,6 +116,10 @@ class Guard:
                 await self.app(scope, replay, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
+        except Exception as e:
+            if status["started"]:
+                raise
+            await crash_response(rid, scope["method"], scope["path"], e)(scope, receive, send_counted)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or ("(unmatched)" if status["code"] == 404 else scope["path"])
@@ -333,11 +366,6 @@ def stop_ids(tok: Tokenizer, stops: list[str]) -> set[int]:
 
 async def check_api_key(request: Request) -> None:
     """With an API key set, require `Authorization: Bearer KEY` (constant-time comparison)."""
-    api_key = request.app.state.api_key
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
+    if not key_ok(request.app.state.api_key, request.headers.get("authorization", "")):
         raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'",
                        param=None, code="invalid_api_key")

@@ -7,22 +7,24 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import chat_stop_strings, encode_chat
 from llmkit.serve.errors import APIError
-from llmkit.serve.schemas import DetokenizeRequest, TokenizeRequest
+from llmkit.serve.schemas import ERROR_RESPONSES, DetokenizeRequest, TokenizeChat, TokenizeText
 from llmkit.serve.server import Server, check_api_key, server_of
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/tokenize", dependencies=[Depends(check_api_key)])
-async def tokenize(body: TokenizeRequest, srv: Server = Depends(server_of)) -> dict[str, Any]:
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "give exactly one of prompt (a text) or messages (a chat)", param="prompt")
-    if body.messages is not None:
-        ids = encode_chat(srv.tok, [m.rendered() for m in body.messages], body.add_generation_prompt)
+async def tokenize(body: TokenizeText | TokenizeChat, srv: Server = Depends(server_of)) -> dict[str, Any]:
+    if isinstance(body, TokenizeChat):
+        try:
+            ids = encode_chat(srv.tok, [m.rendered() for m in body.messages], body.add_generation_prompt)
+        except LlmkitError as e:
+            raise APIError(400, str(e), param="messages") from None
     else:
-        ids = srv.tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        ids = srv.tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"count": len(ids), "max_model_len": srv.block_size, "tokens": ids,
             "token_strs": [srv.token_str(t) for t in ids] if body.return_token_strs else None}
 

@@ -1,0 +1,73 @@
+"""Server hardening: the API key guards /metrics and the docs too, 405 answers carry Allow, every response
+has a request id and a crash is logged with its traceback under it (the client sees none), embeddings count
+against --max_concurrent, and the OpenAPI spec documents the error answers the server really gives."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from llmkit.serve.app import BackgroundServer, Limits, create_app
+
+KEY = "k"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    app = create_app(str(tiny_ckpt), api_key=KEY, max_batch=2, limits=Limits(max_concurrent=2))
+    with BackgroundServer(app) as s:
+        s.app = app
+        yield s
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/openapi.json"])
+def test_pages_need_the_key_unless_opened(server, tiny_ckpt, path):
+    assert httpx.get(server.url + path).status_code == 401
+    assert httpx.get(server.url + path, headers=AUTH).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_open_pages_flag(tiny_ckpt):
+    with BackgroundServer(create_app(str(tiny_ckpt), api_key=KEY, open_pages=True)) as s:
+        assert httpx.get(s.url + "/openapi.json").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+
+
+def test_405_has_allow_and_every_answer_a_request_id(server):
+    r = httpx.get(server.url + "/v1/completions", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+    assert r.headers["x-request-id"].startswith("req-")
+    r = httpx.get(server.url + "/health", headers={"x-request-id": "mine-42"})
+    assert r.headers["x-request-id"] == "mine-42"
+
+
+def test_crash_is_logged_with_traceback_under_the_request_id(server, caplog, monkeypatch):
+    def boom(_body):
+        raise ZeroDivisionError("secret detail")
+
+    monkeypatch.setattr(server.app.state.server, "check_request", boom)
+    with caplog.at_level(logging.ERROR, logger="llmkit.serve"):
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi"}, headers=AUTH)
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and rid in r.json()["error"]["message"]
+    assert "Traceback" not in r.text and "secret detail" not in r.text
+    rec = [x for x in caplog.records if rid in x.getMessage()]
+    assert rec and rec[0].exc_info is not None and rec[0].exc_info[0] is ZeroDivisionError
+
+
+def test_embeddings_count_against_max_concurrent(server):
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": ["a", "b", "c"]}, headers=AUTH)
+    assert r.status_code == 429
+    assert httpx.post(server.url + "/v1/embeddings", json={"input": ["a", "b"]}, headers=AUTH).status_code == 200
+
+
+def test_openapi_documents_the_real_errors(server):
+    spec = httpx.get(server.url + "/openapi.json", headers=AUTH).json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize"):
+        codes = set(spec["paths"][path]["post"]["responses"])
+        assert {"200", "400", "401", "404", "413", "429"} <= codes and "422" not in codes, path
