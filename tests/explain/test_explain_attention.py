@@ -35,10 +35,18 @@ def _check_reproduces(model, idx, attention_mask=None, token_type_ids=None) -> N
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
+# Gemma-style switches on llama-tiny: qk-norm, (1 + w) norms, query scale, soft-capping, a local layer (window 4)
+GEMMA_LIKE = dict(qk_norm=True, norm_unit_offset=True, post_norms=True, embed_scale=True, attn_scale=0.3,
+                  attn_softcap=5.0, sliding_window=4, layer_types=["local", "global"], rope_local_theta=100.0)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bert-tiny", "gemma-like"])
 def test_probs_reproduce_sdpa_output(name: str) -> None:
     torch.manual_seed(0)
-    cfg = preset(name, vocab_size=97, block_size=32, n_layer=2)
+    if name == "gemma-like":
+        cfg = preset("llama-tiny", vocab_size=97, block_size=32, n_layer=2, **GEMMA_LIKE)
+    else:
+        cfg = preset(name, vocab_size=97, block_size=32, n_layer=2)
     model = build_model(cfg).eval()
     with torch.no_grad():  # random init is almost uniform attention; sharpen it so the check means something
         for b in model.blocks:

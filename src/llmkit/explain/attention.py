@@ -29,8 +29,11 @@ def _probs(attn: Attention, qkv: torch.Tensor, mask: torch.Tensor | None, is_cau
     B, T, _ = qkv.shape
     nh, nkv, hd = attn.nh, attn.nkv, attn.hd
     q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-    q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-    k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+    q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
+    if attn.q_norm is not None:  # Qwen3/Gemma3 qk-norm, before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q.transpose(1, 2)  # (B, nh, T, hd)
+    k = k.transpose(1, 2)  # (B, nkv, T, hd)
     v = v.view(B, T, nkv, hd).transpose(1, 2)
     if rope is not None:
         cos, sin = rope  # (B, 1, T, hd)
@@ -39,7 +42,10 @@ def _probs(attn: Attention, qkv: torch.Tensor, mask: torch.Tensor | None, is_cau
     if nkv != nh:  # grouped-query attention: each KV head serves nh/nkv query heads
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, nh, T, T)
+    scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(hd)  # Gemma: query_pre_attn_scalar^-1/2
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, T)
+    if attn.softcap is not None:  # Gemma2: c * tanh(scores / c)
+        scores = torch.tanh(scores / attn.softcap) * attn.softcap
     if mask is not None:  # bool, True = may attend
         scores = scores.masked_fill(~mask, float("-inf"))
     elif is_causal:
