@@ -157,7 +157,29 @@ def test_unsupported_variants_are_one_line_exit_2_and_write_nothing(tmp_path, ca
 # family -> (GGUF arch, config overrides): llama.cpp files Mistral as `llama` (+ its sliding window) and
 # scales Gemma queries by 1/sqrt(head_dim), so the Gemma 2 model here has query_pre_attn_scalar = head_dim
 GGUF_FAMILIES = {"qwen2": ("qwen2", {}), "qwen3-yarn": ("qwen3", {}), "mistral": ("llama", {}), "phi3": ("phi3", {}),
+                 "llama3-rope": ("llama", {}),
                  "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}), "gemma3": ("gemma3", {})}
+
+
+def _llama3_divisors(rope: dict[str, Any], dim: int) -> Any:
+    """llama.cpp's rope_freqs for Llama 3 scaling: 1 for short wavelengths, `factor` for long, smooth between."""
+    import math
+
+    import numpy as np
+
+    old, lo, hi, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
+                           rope["high_freq_factor"], rope["factor"])
+    out = []
+    for freq in 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def write_gguf(ref: Any, arch: str, path: Path) -> None:
@@ -179,7 +201,10 @@ def write_gguf(ref: Any, arch: str, path: Path) -> None:
     w.add_vocab_size(c.vocab_size)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(rope["rope_theta"])
-    if rope["rope_type"] != "default":
+    if rope["rope_type"] == "llama3":  # convert_hf_to_gguf writes per-frequency divisors, not the parameters
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_tensor("rope_freqs.weight", _llama3_divisors(rope, c.head_dim))
+    elif rope["rope_type"] != "default":
         w.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
         w.add_rope_scaling_factor(rope["factor"])
         if rope["rope_type"] == "yarn":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.models.rope import llama3_inv_freq
 
 # GGUF general.architecture -> HF model_type (its architecture name follows from the model_type)
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
@@ -109,10 +110,10 @@ def gguf_config(reader: Any, arch: str, names: set[str]) -> dict[str, Any]:
     head_dim = int(get("attention.key_length") or get("rope.dimension_count") or d // n_head)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
     kind = get("rope.scaling.type")
-    if "rope_freqs.weight" in names:
-        raise LlmkitError("GGUF rope_freqs (Llama 3.1-style RoPE scaling stored as per-frequency factors) "
-                          "is not supported; import the model's Hugging Face folder instead")
-    if kind not in (None, "none"):
+    if "rope_freqs.weight" in names:  # Llama 3.1/3.2: llama3 scaling stored as per-frequency divisors
+        rope.update(_llama3_from_factors(reader, rope["rope_theta"], head_dim,
+                                         int(get("rope.scaling.original_context_length", 8192))))
+    elif kind not in (None, "none"):
         if kind not in _ROPE_SCALING:
             raise LlmkitError(f"GGUF RoPE scaling {kind!r} is not supported; llmkit maps linear and yarn")
         rope.update(rope_type=_ROPE_SCALING[kind], factor=float(need("rope.scaling.factor")))
@@ -149,6 +150,23 @@ def gguf_config(reader: Any, arch: str, names: set[str]) -> dict[str, Any]:
     return hf
 
 
+def _llama3_from_factors(reader: Any, theta: float, head_dim: int, old_ctx: int) -> dict[str, Any]:
+    """Llama 3 RoPE parameters whose divisors equal the file's rope_freqs tensor (llama.cpp writes only the
+    divisors); factor = the largest divisor, low/high_freq_factor 1/4 as every Llama 3.x ships."""
+    import gguf
+
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    got = torch.from_numpy(np.array(gguf.dequantize(np.asarray(t.data), t.tensor_type))).float().flatten()
+    params = {"rope_type": "llama3", "factor": float(str(np.float32(got.max()))), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": old_ctx}
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    want = inv / llama3_inv_freq(inv, params)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=0):
+        raise LlmkitError("GGUF rope_freqs does not match Llama 3 RoPE scaling (factor "
+                          f"{params['factor']}, low/high 1/4, original context {old_ctx}); import the HF folder instead")
+    return params
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row interleaving for its `llama` arch: (nh, hd/2, 2, ...) -> (nh, 2, hd/2, ...)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -163,6 +181,8 @@ def gguf_state(reader: Any, arch: str, hf: dict[str, Any]) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
+        if stem == "rope_freqs":  # read into the config by gguf_config
+            continue
         w = torch.from_numpy(np.array(gguf.dequantize(np.asarray(t.data), t.tensor_type)))  # a writable copy
         w = w.float().reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w.float()
         if stem.startswith("blk."):

@@ -25,7 +25,7 @@ def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+def llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend in between."""
     factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
     old = float(s["original_max_position_embeddings"])
@@ -86,7 +86,7 @@ def rope_tables(cfg: ModelConfig, n_pos: int, local: bool = False) -> tuple[torc
     elif s["type"] == "linear":
         inv_freq = _base_inv_freq(theta, dim) / float(s["factor"])
     elif s["type"] == "llama3":
-        inv_freq = _llama3(_base_inv_freq(theta, dim), s)
+        inv_freq = llama3_inv_freq(_base_inv_freq(theta, dim), s)
     elif s["type"] == "yarn":
         inv_freq, scale = _yarn(theta, dim, s), yarn_attention_factor(s)
     else:
