@@ -13,7 +13,7 @@ from llmkit.models.build import build_model
 from llmkit.models.checkpoint import load_training_state, save_checkpoint
 from llmkit.models.config import preset
 from llmkit.models.load import load, load_model
-from llmkit.train.loop import TrainConfig, lr_at, param_groups
+from llmkit.train.loop import TrainConfig, lr_at, param_groups, resume_config
 from llmkit.train.pretrain import LMTask, pretrain
 
 
@@ -68,6 +68,37 @@ def test_resume_errors(bible_data, tmp_path):
     os.remove(tmp_path / "c" / "training_state.pt")
     with pytest.raises(LlmkitError, match="cannot be resumed"):
         pretrain(data=str(bible_data), out=str(tmp_path / "c"), max_steps=8, resume=True, **SMALL)
+
+
+def test_resume_refuses_changed_settings_unless_overridden(bible_data, tmp_path):
+    run = dict(data=str(bible_data), out=str(tmp_path / "r"), **{**SMALL, "eval_every": 0})
+    pretrain(max_steps=10, **run)
+    with pytest.raises(LlmkitError, match=r"max_steps 10 -> 14.*--resume_override max_steps"):
+        pretrain(max_steps=14, resume=True, **run)
+    with pytest.raises(LlmkitError, match="lr 0.003 -> 0.001"):
+        pretrain(max_steps=10, resume=True, **{**run, "lr": 1e-3})
+    with pytest.raises(LlmkitError, match="unknown setting"):
+        pretrain(max_steps=14, resume=True, resume_override="max_stepz", **run)
+    recs = pretrain(max_steps=14, resume=True, resume_override="max_steps", **run)
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    old = TrainConfig(max_steps=10, lr=3e-3, warmup_steps=5)
+    # no jump: a finished run extended stays at its cosine floor instead of climbing back towards the peak
+    assert lrs[0] == pytest.approx(lr_at(10, old)) and all(lr == pytest.approx(3e-4) for lr in lrs)
+    state = load_training_state(tmp_path / "r")
+    assert state["step"] == 14 and state["train_config"]["max_steps"] == 14 and len(state["rng"]) == 1
+
+
+def test_overridden_schedule_continues_from_the_saved_step():
+    old = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    saved = {**vars(old)}
+    new = resume_config(saved, TrainConfig(max_steps=200, warmup_steps=10, lr=1.0, min_lr=0.1), 50, ["max_steps"])
+    assert lr_at(50, new) == pytest.approx(lr_at(50, old))  # continuous at the saved step
+    assert lr_at(200, new) == pytest.approx(0.1) and lr_at(125, new) < lr_at(50, new)
+    assert lr_at(125, new) == pytest.approx(0.1 + (lr_at(50, old) - 0.1) * 0.5)  # half way down its cosine
+    again = resume_config(vars(new), TrainConfig(max_steps=200, warmup_steps=10, lr=1.0, min_lr=0.1), 120)
+    assert lr_at(150, again) == pytest.approx(lr_at(150, new))  # a later plain resume keeps the same curve
+    free = resume_config(saved, TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, log_every=1), 50)
+    assert lr_at(70, free) == lr_at(70, old)  # log/eval/save settings are free to change
 
 
 def test_warmup_then_cosine_schedule():

@@ -83,6 +83,26 @@ def test_clipping_and_noise_follow_dp_sgd() -> None:
     assert diff.std().item() == pytest.approx(sigma * 0.05 / 8, rel=0.05)  # N(0, sigma^2 C^2) / B
 
 
+def test_noise_is_secure_by_default_and_seeded_only_when_asked() -> None:
+    from scipy import stats
+
+    from llmkit.train.privacy import secure_normal
+
+    z = secure_normal((40000,), 2.0).double()
+    assert stats.kstest(z.numpy() / 2.0, "norm").pvalue > 1e-3  # N(0, 2^2): 4 Gaussians summed / 2
+    assert not torch.equal(secure_normal((8,), 1.0), secure_normal((8,), 1.0))
+
+    def noise_of(**kw):
+        model, task = _tiny("gpt2-tiny"), LMTask()
+        dp = DPTask(task, model, epsilon=4.0, delta=1e-5, batch_size=8, dataset_size=1000, steps=10, seed=3, **kw)
+        return dp, dp.noise((64,))
+
+    (a, na), (_, nb) = noise_of(), noise_of()
+    assert not torch.equal(na, nb) and "noise_rng" not in a.state_dict()  # same seed, different noise
+    (r, ra), (_, rb) = noise_of(reproducible=True), noise_of(reproducible=True)
+    assert torch.equal(ra, rb) and "noise_rng" in r.state_dict()
+
+
 def test_accountant_round_trip() -> None:
     sigma = noise_multiplier(3.0, 1e-5, 0.01, 500)
     eps = epsilon_spent(sigma, 0.01, 500, 1e-5)

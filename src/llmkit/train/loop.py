@@ -1,5 +1,6 @@
 """The one training loop behind pretraining and every fine-tune: AdamW, warmup + cosine decay, gradient
-clipping and accumulation, periodic validation, early stopping, checkpoints, exact resume and DDP.
+clipping and accumulation, periodic validation, early stopping, checkpoints, exact resume, DDP / FSDP2,
+bf16 autocast and gradient checkpointing.
 
 What is trained on is a `Task` (batches, loss, evaluation, data-position state); the loop owns the rest.
 """
@@ -10,9 +11,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -23,6 +23,19 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_file
+from llmkit.train.distributed import (
+    TaskForward,
+    barrier,
+    dist_info,
+    gather_objects,
+    init_distributed,
+    rng_state,
+    set_rng_state,
+    wrap_ddp,
+)
+
+__all__ = ["TrainConfig", "Task", "fit", "lr_at", "param_groups", "make_optimizer", "resume_config", "override_names",
+           "dist_info", "init_distributed"]
 
 
 @dataclass
@@ -50,6 +63,12 @@ class TrainConfig:
     patience: int = 0  # early stopping: stop after this many validations without improvement (0 = off)
     metric: str = "val_loss"  # validation metric for early stopping / best checkpoint
     metric_mode: Literal["min", "max"] = "min"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 master weights and optimizer
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~30 % slower)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
+    # set by --resume_override of a schedule setting: the cosine restarts from (resume_step, resume_lr)
+    resume_step: int = 0
+    resume_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -57,6 +76,14 @@ class TrainConfig:
                 raise LlmkitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LlmkitError(f"lr must be positive, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise LlmkitError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+
+# settings that do not change what a step computes: free to differ on --resume
+RESUME_FREE = frozenset({"stop_at", "log_every", "save_every", "eval_every", "eval_batches", "device",
+                         "grad_checkpointing", "patience", "resume_step", "resume_lr"})
+SCHEDULE = ("max_steps", "lr", "min_lr", "warmup_steps")
 
 
 class Task(Protocol):
@@ -75,42 +102,53 @@ class Task(Protocol):
     def n_tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when not launched by torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str) -> tuple[int, int, str]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); returns (rank, world, device)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return rank, world, device
-
-
 # ----------------------------------------------------------------------------------------------- optimisation
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to cfg.lr, then cosine decay to min_lr at max_steps.
+
+    After a resume that changed the schedule (--resume_override max_steps, ...) past warmup, the cosine
+    starts again from the learning rate the run had at the saved step (resume_lr at resume_step), so the
+    rate never jumps: it decays from there to min_lr at the new max_steps.
+    """
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+    start, peak = cfg.warmup_steps, cfg.lr
+    if cfg.resume_lr is not None and cfg.resume_step >= cfg.warmup_steps:
+        start, peak = cfg.resume_step, cfg.resume_lr
+    progress = min((step - start) / max(cfg.max_steps - start, 1), 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - min_lr)
+
+
+def override_names(names: str | Sequence[str] | None) -> list[str]:
+    """`max_steps,lr` (or a list) -> ["max_steps", "lr"]: the value of --resume_override."""
+    parts = (names.split(",") if isinstance(names, str) else list(names)) if names else []
+    return [p.strip() for p in parts if p.strip()]
+
+
+def resume_config(saved: dict[str, Any], cfg: TrainConfig, step: int, override: Sequence[str] = ()
+                  ) -> TrainConfig:
+    """The config a resumed run continues with: refuse settings that differ from the checkpoint's unless
+    `override` names them; a changed schedule continues from the saved step (see lr_at)."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [o for o in override if o not in known and o != "world_size"]
+    if unknown:
+        raise LlmkitError(f"--resume_override names unknown setting(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(k for k in known if k not in RESUME_FREE)}, world_size")
+    new = dataclasses.asdict(cfg)
+    changed = [k for k in known if k in saved and k not in RESUME_FREE and saved[k] != new[k]]
+    refused = [k for k in changed if k not in override]
+    if refused:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {new[k]!r}" for k in refused)
+        raise LlmkitError(f"--resume: training settings differ from the checkpoint's ({diff}); pass the saved "
+                          f"values, or add --resume_override {','.join(refused)} to change them")
+    anchor_step, anchor_lr = saved.get("resume_step", 0), saved.get("resume_lr")
+    if any(k in changed for k in SCHEDULE):
+        old = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        anchor_step, anchor_lr = step, lr_at(step, old)
+    return dataclasses.replace(cfg, resume_step=anchor_step, resume_lr=anchor_lr)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig, params: Iterable[nn.Parameter] | None = None
@@ -199,15 +237,66 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value < best if mode == "min" else value > best)
 
 
+def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """bf16 autocast for matmuls (weights, optimizer and gradients stay fp32); nothing for fp32."""
+    if cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    kind = torch.device(cfg.device).type
+    if kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LlmkitError("this GPU has no bf16 support; use --precision fp32")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a model (every member of an nn.ModuleList): the units to checkpoint / shard."""
+    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+
+
+@contextlib.contextmanager
+def grad_checkpointing(model: nn.Module, enabled: bool):
+    """Recompute each block's activations during backward instead of keeping them (torch.utils.checkpoint).
+
+    The blocks' forward is wrapped per instance, so parameter names and checkpoints are unchanged; dropout
+    replays the same mask (checkpoint restores the RNG state). Undone when the context exits.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    if enabled:
+        blocks = blocks_of(model)
+        if not blocks:
+            raise LlmkitError(f"{type(model).__name__} has no repeated blocks to checkpoint; "
+                              "drop --grad_checkpointing")
+        for b in blocks:
+            fwd = b.forward
+
+            def run(*args: Any, _fwd: Callable = fwd, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return _fwd(*args, **kwargs)
+                return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+            b.forward = run
+            patched.append(b)
+    try:
+        yield
+    finally:
+        for b in patched:
+            del b.forward  # back to the class's forward
+
+
 def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
         save: Callable[[str, dict[str, Any]], None], resume_state: dict[str, Any] | None = None,
-        params: Iterable[nn.Parameter] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+        params: Iterable[nn.Parameter] | None = None, progress: bool = True,
+        resume_override: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Train `model` on `task` for cfg.max_steps optimizer steps; returns the metric records.
 
-    save(kind, training_state) is called with kind "last" (every save_every steps and at the end, with
-    the state needed to resume) and "best" (when the validation metric improves).
-    resume_state: a state previously passed to save; restores optimizer, step, RNG and data position.
+    save(kind, training_state) is called on rank 0 with kind "last" (every save_every steps and at the end,
+    with the state needed to resume) and "best" (when the validation metric improves).
+    resume_state: a state previously passed to save; restores optimizer, step, each rank's RNG and the data
+    position, after checking that the training settings match (resume_override: the ones that may change).
     params: train only these (e.g. LoRA adapters); default every parameter with requires_grad.
+    Under torchrun every rank runs fit: each trains on its slice of the global batch (see distributed.py),
+    losses are averaged over ranks, validation runs on every rank (same metrics, same early stopping).
     """
     out_dir = Path(out_dir)
     rank, world = dist_info()
@@ -216,29 +305,27 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
         out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir, is_main)
     torch.manual_seed(cfg.seed + rank)  # dropout RNG, per process
-    opt = make_optimizer(model, cfg, params)
     step, best, bad_evals, records = 0, None, 0, []
+    if resume_state is not None:
+        step = resume_state["step"]
+        if "train_config" in resume_state:
+            cfg = resume_config(resume_state["train_config"], cfg, step, resume_override)
+    opt = make_optimizer(model, cfg, params)
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         task.load_state_dict(resume_state["task"])
-        torch.set_rng_state(resume_state["rng_cpu"])
-        if torch.cuda.is_available() and resume_state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(resume_state["rng_cuda"])
-        step, best, bad_evals = resume_state["step"], resume_state.get("best"), resume_state.get("bad_evals", 0)
+        _restore_rng(resume_state, rank, world, cfg.seed + step, resume_override)
+        best, bad_evals = resume_state.get("best"), resume_state.get("bad_evals", 0)
         log.truncate_after(step)
         if step >= cfg.max_steps:
             raise LlmkitError(f"the checkpoint is already at step {step} >= max_steps {cfg.max_steps}; "
-                              "raise --max_steps to train further")
-    ddp_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+                              "raise --max_steps (with --resume_override max_steps) to train further")
+    forward = TaskForward(model, task)
+    run = wrap_ddp(forward) if world > 1 else forward
 
-        ddp_model = DistributedDataParallel(model)
-
-    def state() -> dict[str, Any]:
+    def state() -> dict[str, Any]:  # collective: every rank calls it, rank 0 gets everyone's RNG
         return {"step": step, "optimizer": opt.state_dict(), "task": task.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "rng": gather_objects(rng_state()), "world_size": world,
                 "best": best, "bad_evals": bad_evals, "train_config": dataclasses.asdict(cfg)}
 
     bar = None
@@ -251,72 +338,93 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)  # keep redirected logs short
     model.train()
     t_last, tokens_since, stop_early = time.perf_counter(), 0, False
-    while step < cfg.max_steps and not stop_early:
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum = torch.zeros((), device=cfg.device)
-        for micro in range(cfg.grad_accum):
-            batch = task.train_batch(step, micro)
-            tokens_since += task.n_tokens(batch) * world
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
-            with ctx:
-                loss = task.loss(ddp_model, batch) / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_val = float(loss_sum)
-        if not math.isfinite(loss_val):
-            raise LlmkitError(f"loss became {loss_val} at step {step}; lower --lr or raise --warmup_steps")
-        if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
-            now = time.perf_counter()
-            tok_s = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
-            rec = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens_per_s": round(tok_s, 1)}
-            if grad_norm is not None:
-                rec["grad_norm"] = round(grad_norm, 4)
-            records.append(rec)
-            log.write(rec)
+    with grad_checkpointing(model, cfg.grad_checkpointing):
+        while step < cfg.max_steps and not stop_early:
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=cfg.device)
+            for micro in range(cfg.grad_accum):
+                batch = task.train_batch(step, micro)
+                tokens_since += task.n_tokens(batch) * world
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else run.no_sync():
+                    with autocast(cfg):
+                        loss = run(batch) / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach().float()
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_val = float(loss_sum)
+            if not math.isfinite(loss_val):
+                raise LlmkitError(f"loss became {loss_val} at step {step}; lower --lr or raise --warmup_steps")
+            if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
+                now = time.perf_counter()
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                rec = {"step": step, "loss": round(loss_val, 6), "lr": lr, "tokens_per_s": round(tok_s, 1)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = round(grad_norm, 4)
+                records.append(rec)
+                log.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-        if bar is not None:
-            bar.update(1)
-        last = step == cfg.max_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            model.eval()
-            with torch.no_grad():
-                metrics = task.evaluate(model)
-            model.train()
-            rec = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}}
-            records.append(rec)
-            log.write(rec)
-            log.plot()
-            if bar is not None:
-                bar.write(f"step {step:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if cfg.metric in metrics:
-                if _better(metrics[cfg.metric], best, cfg.metric_mode):
-                    best, bad_evals = metrics[cfg.metric], 0
-                    if is_main:
-                        save("best", state())
-                else:
-                    bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        stop_early = True
-                        if bar is not None:
-                            bar.write(f"early stopping: {cfg.metric} did not improve for {bad_evals} evaluations")
-        if cfg.stop_at and step >= cfg.stop_at:
-            stop_early = True
-        if is_main and ((cfg.save_every and step % cfg.save_every == 0) or last or stop_early):
-            save("last", state())
+                bar.update(1)
+            last = step == cfg.max_steps
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                model.eval()
+                with torch.no_grad(), autocast(cfg):
+                    metrics = task.evaluate(model)
+                model.train()
+                rec = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}}
+                records.append(rec)
+                log.write(rec)
+                log.plot()
+                if bar is not None:
+                    bar.write(f"step {step:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if cfg.metric in metrics:
+                    if _better(metrics[cfg.metric], best, cfg.metric_mode):
+                        best, bad_evals = metrics[cfg.metric], 0
+                        st = state()
+                        if is_main:
+                            save("best", st)
+                    else:
+                        bad_evals += 1
+                        if cfg.patience and bad_evals >= cfg.patience:
+                            stop_early = True
+                            if bar is not None:
+                                bar.write(f"early stopping: {cfg.metric} did not improve for {bad_evals} evaluations")
+            if cfg.stop_at and step >= cfg.stop_at:
+                stop_early = True
+            if (cfg.save_every and step % cfg.save_every == 0) or last or stop_early:
+                st = state()
+                if is_main:
+                    save("last", st)
     if bar is not None:
         bar.close()
+    barrier()  # rank 0's checkpoint is complete before any rank goes on (e.g. to read it)
     return records
+
+
+def _restore_rng(state: dict[str, Any], rank: int, world: int, reseed: int, override: Sequence[str]) -> None:
+    """Give each rank back its own RNG state (dropout masks continue as in an uninterrupted run)."""
+    if "rng" not in state:  # checkpoints written before per-rank RNG: one state, rank 0's
+        set_rng_state({"cpu": state["rng_cpu"], "cuda": state.get("rng_cuda")})
+        return
+    saved_world = state.get("world_size", len(state["rng"]))
+    if saved_world == world:
+        set_rng_state(state["rng"][rank])
+    elif "world_size" in override:
+        torch.manual_seed(reseed + rank)  # a new process count: fresh, distinct dropout streams
+    else:
+        raise LlmkitError(f"--resume: the checkpoint was trained by {saved_world} process(es), this run has "
+                          f"{world}; use {saved_world}, or add --resume_override world_size (dropout then "
+                          "differs from an uninterrupted run)")

@@ -24,7 +24,8 @@ from llmkit.models.config import PRESETS, ModelConfig, preset
 from llmkit.models.heads import nsp_model
 from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer, train_from_iterator
-from llmkit.train.loop import TrainConfig, dist_info, fit, init_distributed
+from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice
+from llmkit.train.loop import TrainConfig, fit, override_names
 from llmkit.train.nsp import nsp_task
 
 
@@ -76,8 +77,8 @@ class LMTask:
         # every process draws the same global batch and keeps its slice: the data order does not depend
         # on the number of processes, so 2 x batch B equals 1 x batch 2B
         full = self._batch(self.train, self.gen, self.batch * self.world)
-        lo = self.rank * self.batch
-        return {k: v[lo : lo + self.batch].to(self.device) for k, v in full.items()}
+        weights = (full["y"] != -100).sum(1) if self.objective == "mlm" else None  # masked tokens per row
+        return {k: v.to(self.device) for k, v in rank_slice(full, weights).items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["x"], batch["y"]).loss
@@ -119,8 +120,7 @@ def _data_folder(data: str, out: Path, tokenizer: str | None, kind: str, vocab_s
             train_from_iterator(iter_documents(data), kind, vocab_size).save(tok_dir)  # type: ignore[arg-type]
             tokenizer = str(tok_dir)
         prepare(data=data, tokenizer=tokenizer, out=str(folder))
-    if dist_info()[1] > 1:
-        torch.distributed.barrier()
+    barrier()
     return folder
 
 
@@ -141,7 +141,8 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
              min_lr: float | None = None, warmup_steps: int = 100, weight_decay: float = 0.1,
              beta2: float = 0.99, grad_clip: float = 1.0, eval_every: int = 250, eval_batches: int = 20,
              save_every: int = 0, log_every: int = 10, stop_at: int = 0, seed: int = 1337, device: str = "cpu",
-             resume: bool = False, compile: bool = False) -> list[dict[str, Any]]:
+             resume: bool = False, resume_override: str = "", precision: Literal["fp32", "bf16"] = "fp32",
+             grad_checkpointing: bool = False, compile: bool = False) -> list[dict[str, Any]]:
     """Pretrain a model from a preset on a corpus; writes a checkpoint folder, metrics.jsonl and loss.png to OUT.
 
     Args:
@@ -175,13 +176,18 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
         stop_at: stop early at this step with a resumable checkpoint (continue later with --resume).
         seed: seeds initialisation, batches and dropout.
         device: cpu or cuda.
-        resume: continue exactly from OUT's training_state.pt.
+        resume: continue exactly from OUT's training_state.pt (the training settings must match the saved ones).
+        resume_override: comma-separated settings allowed to differ on --resume (e.g. max_steps,lr); a changed
+            schedule continues from the saved step's learning rate, decaying to min_lr at the new max_steps.
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
         compile: torch.compile the model (faster steps after a slow first one).
 
     Examples:
         llmkit pretrain --data bible --out runs/bible-gpt --preset_name gpt2-tiny --max_steps 1000
         llmkit pretrain --data shakespeare.txt --out runs/shakespeare --preset_name char-shakespeare --max_steps 2000
-        llmkit pretrain --data bible --out runs/bible-gpt --preset_name gpt2-tiny --max_steps 2000 --resume true
+        llmkit pretrain --data bible --out runs/bible-gpt --preset_name gpt2-tiny --max_steps 2000 --resume true \\
+            --resume_override max_steps
         llmkit pretrain --data bible --out runs/bert-nsp --preset_name bert-tiny --objective mlm+nsp --max_steps 1000
         torchrun --nproc_per_node 2 -m llmkit pretrain --data bible --out runs/ddp --batch_size 6
     """
@@ -231,7 +237,8 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
     tcfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
                        warmup_steps=warmup_steps, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
                        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
-                       log_every=log_every, stop_at=stop_at, seed=seed, device=device)
+                       log_every=log_every, stop_at=stop_at, seed=seed, device=device, precision=precision,
+                       grad_checkpointing=grad_checkpointing)
     if resume:
         model, saved_meta = load_model(out_dir, device)
         _check_same(ModelConfig.from_dict(saved_meta["model"]), cfg)
@@ -258,4 +265,5 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
         if kind == "last":
             save_checkpoint(out_dir, model, cfg, tok, run_meta, training_state)
 
-    return fit(run_model, task, tcfg, out_dir, save, resume_state=state)
+    return fit(run_model, task, tcfg, out_dir, save, resume_state=state, resume_override=override_names(resume_override))
+

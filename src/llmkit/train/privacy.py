@@ -8,6 +8,11 @@ real loss and whose gradient is exactly that private gradient, so fit's backward
 post-processing, which keeps the guarantee) run unchanged. sigma is chosen by opacus' RDP accountant for the
 target (epsilon, delta) over the planned number of steps.
 
+Noise comes from the operating system's CSPRNG (os.urandom) by default, drawn the way opacus' secure_mode
+draws it (the sum of 4 Gaussians / 2, against floating-point attacks on the sampler); opacus itself needs
+torchcsprng for that, which does not build for current torch. Nothing about the noise is saved, so neither
+the seed nor a checkpoint can regenerate it. `reproducible=True` (tests only) uses a seeded torch.Generator.
+
 Caveats (also in docs/responsible.md): the accountant assumes Poisson sampling of examples with rate
 batch_size / dataset_size, while llmkit tasks draw fixed-size batches; a "record" is one training sequence,
 so a person whose text spans many sequences gets a weaker guarantee.
@@ -15,9 +20,12 @@ so a person whose text spans many sequences gets a weaker guarantee.
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,11 +56,23 @@ def epsilon_spent(sigma: float, sample_rate: float, steps: int, delta: float) ->
     return float(acc.get_epsilon(delta))
 
 
+def secure_normal(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """N(0, std^2) samples (float32) from os.urandom: 4 Box-Muller Gaussians summed and halved (opacus'
+    secure_mode recipe, so the low-order bits of one sample do not reveal it)."""
+    n = math.prod(shape)
+    bits = np.frombuffer(os.urandom(4 * n * 8), dtype=np.uint64).reshape(2, 2 * n)
+    u = (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # uniform on [0, 1) with 53 random bits
+    r, theta = np.sqrt(-2.0 * np.log1p(-u[0])), 2.0 * np.pi * u[1]  # 1 - u in (0, 1]: log is finite
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)]).reshape(4, n)
+    return torch.from_numpy((z.sum(0) / 2.0 * std).astype(np.float32)).reshape(shape)
+
+
 class DPTask:
     """A Task whose loss gradient is the DP-SGD gradient (per-example clip + Gaussian noise) of the inner task."""
 
     def __init__(self, task: Any, model: nn.Module, *, epsilon: float, delta: float, batch_size: int,
-                 dataset_size: int, steps: int, max_grad_norm: float = 1.0, seed: int = 0):
+                 dataset_size: int, steps: int, max_grad_norm: float = 1.0, seed: int = 0,
+                 reproducible: bool = False):
         from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
         if max_grad_norm <= 0:
@@ -69,7 +89,8 @@ class DPTask:
             raise LlmkitError(f"opacus cannot compute per-example gradients for this model ({e}); "
                               "train without --dp_epsilon") from e
         self.hooks.disable_hooks()
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        # secure by default; a seeded generator only when asked for (tests): it makes the noise regenerable
+        self.gen = torch.Generator(device="cpu").manual_seed(seed) if reproducible else None
         self.steps_done = 0
 
     # -- the Task protocol ------------------------------------------------------------------------------
@@ -85,12 +106,23 @@ class DPTask:
         return self.task.n_tokens(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task": self.task.state_dict(), "noise_rng": self.gen.get_state(), "steps_done": self.steps_done}
+        state = {"task": self.task.state_dict(), "steps_done": self.steps_done}
+        if self.gen is not None:  # reproducible mode only: secure noise leaves nothing to save
+            state["noise_rng"] = self.gen.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task.load_state_dict(state["task"])
-        self.gen.set_state(state["noise_rng"])
+        if self.gen is not None and "noise_rng" in state:
+            self.gen.set_state(state["noise_rng"])
         self.steps_done = state["steps_done"]
+
+    def noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """N(0, sigma^2 C^2) of this shape: from the OS CSPRNG, or the seeded generator when reproducible."""
+        std = self.sigma * self.C
+        if self.gen is None:
+            return secure_normal(shape, std)
+        return torch.randn(shape, generator=self.gen) * std
 
     def epsilon(self) -> float:
         """Privacy spent so far (epsilon at self.delta)."""
@@ -133,7 +165,7 @@ class DPTask:
                 out.append(None)
                 continue
             summed = torch.einsum("b,b...->...", scale.to(g.dtype), g)
-            noise = torch.randn(summed.shape, generator=self.gen) * (self.sigma * self.C)
+            noise = self.noise(tuple(summed.shape))
             out.append((summed + noise.to(summed.device, summed.dtype)) / self.batch_size)
         return out
 

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ from llmkit.models.config import PRESETS
 from llmkit.models.config import preset as make_preset
 from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer, train_from_iterator
-from llmkit.train.loop import TrainConfig, fit
+from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice
+from llmkit.train.loop import TrainConfig, fit, override_names
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -58,7 +59,11 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class Seq2SeqTask:
-    """The training loop's `Task` for translation: length-bucketed shuffled batches, smoothed cross-entropy."""
+    """The training loop's `Task` for translation: length-bucketed shuffled batches, smoothed cross-entropy.
+
+    batch_size is per process: under torchrun a global batch holds batch_size x world pairs, and each rank
+    keeps its slice.
+    """
 
     def __init__(self, train: list[Encoded], valid: list[Encoded], pad_id: int, batch_size: int,
                  label_smoothing: float = 0.1, seed: int = 0, eval_batches: int = 20, device: str = "cpu",
@@ -68,8 +73,9 @@ class Seq2SeqTask:
         self.train, self.valid, self.pad_id = train, valid, pad_id
         self.batch_size, self.label_smoothing, self.seed = batch_size, label_smoothing, seed
         self.eval_batches, self.device, self.grad_accum = eval_batches, device, grad_accum
+        self.global_batch = batch_size * dist_info()[1]
         self._epoch, self._batches = -1, []
-        self.per_epoch = max(len(train) // batch_size, 1)
+        self.per_epoch = max(len(train) // self.global_batch, 1)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """Shuffle, then sort by length within chunks of 50 batches (less padding), then shuffle the batches."""
@@ -77,12 +83,13 @@ class Seq2SeqTask:
             rng = random.Random(self.seed * 100_003 + epoch)
             order = list(range(len(self.train)))
             rng.shuffle(order)
-            chunk = self.batch_size * 50
+            size = self.global_batch
+            chunk = size * 50
             batches = []
             for c in range(0, len(order), chunk):
                 part = sorted(order[c:c + chunk], key=lambda i: len(self.train[i].src) + len(self.train[i].tgt))
-                batches += [part[j:j + self.batch_size] for j in range(0, len(part), self.batch_size)]
-            batches = [b for b in batches if len(b) == self.batch_size] or batches
+                batches += [part[j:j + size] for j in range(0, len(part), size)]
+            batches = [b for b in batches if len(b) == size] or batches
             rng.shuffle(batches)
             self._epoch, self._batches = epoch, batches
         return self._batches
@@ -91,7 +98,8 @@ class Seq2SeqTask:
         k = step * self.grad_accum + micro  # the k-th micro-batch of the run: a pure function of (seed, k)
         batches = self._epoch_batches(k // self.per_epoch)
         b = batches[k % len(batches)]
-        return {n: t.to(self.device) for n, t in collate([self.train[i] for i in b], self.pad_id).items()}
+        full = collate([self.train[i] for i in b], self.pad_id)
+        return {n: t.to(self.device) for n, t in rank_slice(full, (full["tgt_out"] != -100).sum(1)).items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         m = model.module if hasattr(model, "module") else model
@@ -163,7 +171,9 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
                   weight_decay: float = 0.01, label_smoothing: float = 0.1, valid_fraction: float = 0.02,
                   eval_every: int = 500, eval_examples: int | None = None, beam: int = 4,
                   length_penalty: float = 0.6, bleu_tokenize: BleuTokenize = "auto", seed: int = 0,
-                  resume: bool = False, threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                  resume: bool = False, resume_override: str = "", threads: int | None = None,
+                  precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False,
+                  device: str = "cpu") -> dict[str, Any]:
     """Train an encoder-decoder Transformer on parallel text, then score it on a held-out split.
 
     The held-out split (a hash of each pair's id) is scored with sacrebleu BLEU and chrF, greedy and with
@@ -198,16 +208,21 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
         length_penalty: GNMT length-penalty exponent alpha for beam search.
         bleu_tokenize: sacrebleu tokenizer; auto picks ja-mecab for Japanese targets, 13a for English.
         seed: seed for initialisation, data order and the held-out split.
-        resume: continue from the training state in OUT.
+        resume: continue from the training state in OUT (the training settings must match the saved ones).
+        resume_override: comma-separated settings allowed to differ on --resume (e.g. max_steps).
         threads: torch CPU threads (default: torch's choice).
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
         device: cpu or cuda.
 
     Examples:
         llmkit train seq2seq bible-en-ja runs/mt --max_steps 3000
         llmkit train seq2seq pairs.tsv runs/mt-small --max_steps 500 --beam 1
         llmkit train seq2seq train.en runs/mt-en-de --tgt_file train.de --bleu_tokenize 13a
+        torchrun --nproc_per_node 2 -m llmkit train seq2seq bible-en-ja runs/mt-ddp --batch_size 32
     """
 
+    rank, _, device = init_distributed(device)
     if PRESETS.get(preset, {}).get("arch", "seq2seq") != "seq2seq":
         raise LlmkitError(f"preset {preset!r} is arch {PRESETS[preset]['arch']!r}; seq2seq training needs an "
                           "encoder-decoder preset such as transformer-tiny")
@@ -241,7 +256,8 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
                        grad_accum=grad_accum)
     tcfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                        warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
-                       eval_batches=20, seed=seed, device=device, beta2=0.98)
+                       eval_batches=20, seed=seed, device=device, beta2=0.98, precision=precision,
+                       grad_checkpointing=grad_checkpointing)
     meta = {"task": "seq2seq", "data": data, "n_train": len(train_pairs), "n_valid": len(valid_pairs),
             "valid_fraction": valid_fraction, "split_seed": seed}
 
@@ -252,8 +268,11 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
 
     print(f"seq2seq: {len(train_pairs)} train / {len(valid_pairs)} held-out pairs, vocab {tok.vocab_size}, "
           f"{model.num_params() / 1e6:.2f}M parameters")
-    fit(model, task, tcfg, out_dir, save, resume_state=state)
+    fit(model, task, tcfg, out_dir, save, resume_state=state, resume_override=override_names(resume_override))
     train_s = time.perf_counter() - t0
+    if rank != 0:  # rank 0 scores the model and writes scores.json
+        barrier()
+        return {}
     model.eval()
     held = valid_pairs[:eval_examples] if eval_examples else valid_pairs
     refs = [p.tgt for p in held]
@@ -276,4 +295,5 @@ def train_seq2seq(data: str, out: str, *, tgt_file: str | None = None, preset: s
             print(f"{name}: BLEU {s['bleu']} ({s['bleu_tokenize']}) chrF {s['chrf']} on {s['n']} held-out pairs")
     for name, s in scores["baselines"].items():
         print(f"baseline {name}: BLEU {s['bleu']} chrF {s['chrf']}")
+    barrier()
     return scores

@@ -231,6 +231,18 @@ def _write(p: Path, text: str) -> str:
     return str(p)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # opacus: full backward hooks, accountant alphas
+def test_classify_with_dp_epsilon_from_the_cli(bert_ckpt, cls_files, tmp_path):
+    pytest.importorskip("opacus")
+    out = tmp_path / "dp"
+    rc = main(["finetune", "classify", str(bert_ckpt), "--data", str(cls_files["train"]), "--val",
+               str(cls_files["val"]), "--test", str(cls_files["test"]), "--out", str(out), "--max_steps", "4",
+               "--batch_size", "16", "--max_len", "32", "--dp_epsilon", "8", "--dp_reproducible", "true"])
+    assert rc == 0
+    dp = json.loads((out / "eval_results.json").read_text())["dp"]
+    assert 0 < dp["epsilon_spent"] <= 8.0 and dp["noise_multiplier"] > 0 and dp["delta"] == pytest.approx(1e-4)
+
+
 def test_bad_input_exits_2(bert_ckpt, cls_files, tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "o")
     bad = _write(tmp_path / "bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b" "label": "y"}\n')

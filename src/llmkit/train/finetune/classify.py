@@ -15,7 +15,10 @@ def classify(init: str, *, data: str, out: str, val: str | None = None, test: st
              grad_accum: int = 1, lr: float = 5e-5, weight_decay: float = 0.01, warmup_frac: float = 0.06,
              eval_every: int = 0, patience: int = 3, metric: str = "accuracy", val_frac: float = 0.1,
              test_frac: float = 0.1, limit: int = 0, seed: int = 0, lora_r: int = 0, lora_alpha: float = 16.0,
-             lora_targets: list[str] | None = None, device: str = "cpu") -> dict[str, Any]:
+             lora_targets: list[str] | None = None, dp_epsilon: float = 0.0, dp_delta: float | None = None,
+             dp_max_grad_norm: float = 1.0, dp_reproducible: bool = False, dropout: float | None = None,
+             precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False,
+             device: str = "cpu") -> dict[str, Any]:
     """Fine-tune a checkpoint to classify texts; the best checkpoint (by validation `metric`) goes to OUT.
 
     Args:
@@ -47,6 +50,15 @@ def classify(init: str, *, data: str, out: str, val: str | None = None, test: st
         lora_r: LoRA rank; 0 = full fine-tuning, >0 trains adapters (+ the head) only.
         lora_alpha: LoRA scaling numerator (update scaled by alpha / r).
         lora_targets: Linear modules to adapt (default attn.qkv attn.proj).
+        dp_epsilon: train with DP-SGD to this privacy budget (epsilon at dp_delta; 0 = no DP). Noise comes
+            from a cryptographically secure generator.
+        dp_delta: DP delta (default 1 / (10 x training examples)).
+        dp_max_grad_norm: per-example gradient clipping norm C for DP-SGD.
+        dp_reproducible: draw DP noise from a generator seeded by --seed (for tests only: whoever knows the
+            seed can regenerate the noise, which voids the guarantee).
+        dropout: override every dropout rate (backbone and head); default: the checkpoint's and 0.1 on the head.
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
         device: cpu or cuda.
 
     Examples:
@@ -54,13 +66,17 @@ def classify(init: str, *, data: str, out: str, val: str | None = None, test: st
         llmkit finetune classify runs/minilm --data rotten_tomatoes --out runs/rt-cls --epochs 2
         llmkit finetune classify runs/minilm --data reviews.csv --out runs/reviews --class_weights true
         llmkit evaluate runs/rt-cls
+        llmkit finetune classify runs/minilm --data rotten_tomatoes --out runs/rt-dp --dp_epsilon 8 --lr 5e-4
     """
     src = HeadSource("main", "classify", data, val, test, 1.0, text_field, label_field, class_weights, pooling, limit)
     res = finetune([src], init, out, task="classify", max_len=max_len, epochs=epochs, max_steps=max_steps,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                    warmup_frac=warmup_frac, eval_every=eval_every, patience=patience, metric=metric,
                    val_frac=val_frac, test_frac=test_frac, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device)
+                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device, precision=precision,
+                   grad_checkpointing=grad_checkpointing, dropout=dropout,
+                   dp={"epsilon": dp_epsilon, "delta": dp_delta, "max_grad_norm": dp_max_grad_norm,
+                       "reproducible": dp_reproducible} if dp_epsilon else None)
     r = res["main"]
     print(f"{r['split']}: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  (n={r['n']}) -> {out}")
     return res

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmkit.errors import LlmkitError
 from llmkit.train.finetune.run import HeadSource, finetune
@@ -56,7 +56,9 @@ def multitask(init: str, *, config: str, out: str, max_len: int = 128, epochs: f
               batch_size: int = 16, grad_accum: int = 1, lr: float = 5e-5, weight_decay: float = 0.01,
               warmup_frac: float = 0.06, eval_every: int = 0, patience: int = 3, metric: str = "val_loss",
               val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0, lora_r: int = 0,
-              lora_alpha: float = 16.0, lora_targets: list[str] | None = None, device: str = "cpu") -> dict[str, Any]:
+              lora_alpha: float = 16.0, lora_targets: list[str] | None = None,
+              precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False,
+              device: str = "cpu") -> dict[str, Any]:
     """Fine-tune one backbone on several tasks at once (shared trunk, one head per task).
 
     Each optimizer step draws one batch from every task and minimises Σ wᵢ·Lᵢ; `epochs` counts passes over
@@ -85,6 +87,8 @@ def multitask(init: str, *, config: str, out: str, max_len: int = 128, epochs: f
         lora_r: LoRA rank; 0 = full fine-tuning.
         lora_alpha: LoRA scaling numerator.
         lora_targets: Linear modules to adapt (default attn.qkv attn.proj).
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
         device: cpu or cuda.
 
     Examples:
@@ -96,7 +100,8 @@ def multitask(init: str, *, config: str, out: str, max_len: int = 128, epochs: f
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                    warmup_frac=warmup_frac, eval_every=eval_every, patience=patience, metric=metric,
                    val_frac=val_frac, test_frac=test_frac, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device)
+                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device, precision=precision,
+                   grad_checkpointing=grad_checkpointing)
     for s in sources:
         r = res.get(s.name)
         if r:

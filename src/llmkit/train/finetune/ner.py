@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from llmkit.train.finetune.run import HeadSource, finetune
 
@@ -15,6 +15,7 @@ def ner(init: str, *, data: str, out: str, val: str | None = None, test: str | N
         weight_decay: float = 0.01, warmup_frac: float = 0.06, eval_every: int = 0, patience: int = 3,
         metric: str = "f1", val_frac: float = 0.1, test_frac: float = 0.1, limit: int = 0, seed: int = 0,
         lora_r: int = 0, lora_alpha: float = 16.0, lora_targets: list[str] | None = None,
+        precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False,
         device: str = "cpu") -> dict[str, Any]:
     """Fine-tune a checkpoint for named-entity recognition; the best checkpoint (by entity F1) goes to OUT.
 
@@ -43,6 +44,8 @@ def ner(init: str, *, data: str, out: str, val: str | None = None, test: str | N
         lora_r: LoRA rank; 0 = full fine-tuning.
         lora_alpha: LoRA scaling numerator.
         lora_targets: Linear modules to adapt (default attn.qkv attn.proj).
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
         device: cpu or cuda.
 
     Examples:
@@ -55,7 +58,8 @@ def ner(init: str, *, data: str, out: str, val: str | None = None, test: str | N
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                    warmup_frac=warmup_frac, eval_every=eval_every, patience=patience, metric=metric,
                    val_frac=val_frac, test_frac=test_frac, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device)
+                   lora_targets=lora_targets or ("attn.qkv", "attn.proj"), device=device, precision=precision,
+                   grad_checkpointing=grad_checkpointing)
     r = res["main"]
     print(f"{r['split']}: entity P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f} "
           f"(n={r['n_sentences']} sentences) -> {out}")

@@ -5,6 +5,7 @@ training loop (early stopping, best checkpoint kept), then score the best checkp
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from llmkit.models.heads import TaskModel, default_pooling, load_task_model, sav
 from llmkit.models.load import load_model
 from llmkit.models.lora import apply_lora, count_trainable, lora_modules, merge_lora, save_adapter
 from llmkit.tokenizer import Tokenizer
+from llmkit.train.distributed import barrier, init_distributed
 from llmkit.train.finetune.task import (
     FinetuneTask,
     HeadData,
@@ -134,32 +136,35 @@ def finetune(sources: Sequence[HeadSource], init: str, out: str, *, task: str, m
              metric: str | None = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
              lora_r: int = 0, lora_alpha: float = 16.0, lora_targets: Sequence[str] = ("attn.qkv", "attn.proj"),
              dropout: float | None = None, device: str = "cpu", progress: bool = True,
+             precision: str = "fp32", grad_checkpointing: bool = False,
+             dp: dict[str, Any] | None = None,
              wrap_task: Callable[[FinetuneTask], Any] | None = None) -> dict[str, Any]:
     """Train heads on a backbone; keep the best checkpoint (by the validation metric) in `out`; return the
     best checkpoint's test (or validation) report, which is also written to out/eval_results.json.
 
     wrap_task: turns the task before training, e.g. `train.distill` adds a teacher's soft targets to the loss.
-    """
 
-
+    Under torchrun batch_size is per process (the global batch is batch_size x world); rank 0 writes.
+    dp: {"epsilon", "delta", "max_grad_norm", "reproducible"} to train with DP-SGD (train/privacy.py)."""
+    rank, world, device = init_distributed(device)
     backbone, tok = load_backbone(init, device)
     prepare_tokenizer(tok)
     cfg = backbone.cfg
-    if dropout is not None:
-        for m in backbone.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = dropout
     max_len = min(max_len, cfg.block_size)
     heads = build_heads(sources, tok, cfg.arch, max_len, val_frac, test_frac, seed)
     torch.manual_seed(seed)
     model = TaskModel(backbone, {h.name: h.spec() for h in heads}).to(device)
+    if dropout is not None:  # backbone and heads
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
     if lora_r:
         apply_lora(model, lora_r, lora_alpha, lora_targets, train_also=["heads"])
         n_train, n_all = count_trainable(model)
         print(f"LoRA r={lora_r}: training {n_train:,} of {n_all:,} parameters")
     n_train = max(len(h.train) for h in heads)
-    steps = max_steps or steps_for(epochs, n_train, batch_size, grad_accum)
-    per_epoch = steps_for(1.0, n_train, batch_size, grad_accum)
+    steps = max_steps or steps_for(epochs, n_train, batch_size * world, grad_accum)
+    per_epoch = steps_for(1.0, n_train, batch_size * world, grad_accum)
     if metric is None:
         metric = "val_loss" if len(heads) > 1 else ("accuracy" if heads[0].kind == "classify" else "f1")
     has_val = all(h.val is not None and len(h.val) for h in heads)
@@ -168,11 +173,16 @@ def finetune(sources: Sequence[HeadSource], init: str, out: str, *, task: str, m
                        eval_every=eval_every or min(per_epoch, max(steps // 4, 1)),
                        log_every=max(1, min(50, steps // 20)), seed=seed, device=device,
                        patience=patience if has_val else 0, metric=metric,
-                       metric_mode="min" if metric.endswith("loss") else "max")
+                       metric_mode="min" if metric.endswith("loss") else "max", precision=precision,  # type: ignore[arg-type]
+                       grad_checkpointing=grad_checkpointing, grad_clip=0.0 if dp else 1.0)
     ftask = FinetuneTask(heads, tok.pad_id, batch_size, grad_accum, seed, device=device)
+    train_task: Any = wrap_task(ftask) if wrap_task else ftask
+    if dp:
+        train_task = private_task(train_task, model, dp, n_train, batch_size, grad_accum, steps, seed, world)
     out_dir = Path(out)
     for stale in ("metrics.jsonl", "loss.png", RESULTS, "confusion.png"):
-        (out_dir / stale).unlink(missing_ok=True)
+        if rank == 0:
+            (out_dir / stale).unlink(missing_ok=True)
     meta = {"init": str(init), "max_len": max_len, "train": {k: v for k, v in vars(tcfg).items()},
             "data": [{"name": s.name, "kind": s.kind, "data": s.data, "val": s.val, "test": s.test,
                       "text_field": s.text_field, "label_field": s.label_field} for s in sources],
@@ -182,21 +192,54 @@ def finetune(sources: Sequence[HeadSource], init: str, out: str, *, task: str, m
         if kind == "best":  # the final checkpoint is the best one; "last" (for resume) is not kept
             _save_task(out_dir, model, tok, task, meta)
 
-    print(f"fine-tuning {cfg.arch} ({sum(p.numel() for p in backbone.parameters()):,} params) for {steps} steps: "
-          + ", ".join(f"{h.name} {h.kind} {len(h.train)} train / {len(h.val or [])} val / {len(h.test or [])} test, "
-                      f"{len(h.labels)} labels" for h in heads))
+    if rank == 0:
+        print(f"fine-tuning {cfg.arch} ({sum(p.numel() for p in backbone.parameters()):,} params) for {steps} steps: "
+              + ", ".join(f"{h.name} {h.kind} {len(h.train)} train / {len(h.val or [])} val / "
+                          f"{len(h.test or [])} test, {len(h.labels)} labels" for h in heads))
     t_train, cpu_train = time.perf_counter(), time.process_time()
-    fit(model, wrap_task(ftask) if wrap_task else ftask, tcfg, out_dir, save, progress=progress)
+    fit(model, train_task, tcfg, out_dir, save, progress=progress)
     wall_s, cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
     train_s = wall_s - ftask.eval_seconds  # optimisation only: validation passes excluded
+    if rank != 0:  # rank 0 saves and scores; the others return its report
+        barrier()
+        return json.loads((out_dir / RESULTS).read_text(encoding="utf-8"))
     if not has_val:  # nothing to pick the best by: keep the final weights
         _save_task(out_dir, model, tok, task, meta)
-    return evaluate_saved(out_dir, heads, tok.pad_id, device,
+    results = evaluate_saved(out_dir, heads, tok.pad_id, device,
                           extra={"fit_seconds": round(wall_s, 1), "fit_cpu_seconds": round(cpu_s, 1),
                                  "validation_seconds": round(ftask.eval_seconds, 1),
                                  "steps_planned": steps, "steps_run": ftask.steps_run,
                                  "train_examples_per_s": round(ftask.steps_run * batch_size * grad_accum * len(heads)
-                                                               / max(train_s, 1e-9), 1)})
+                                                               / max(train_s, 1e-9), 1),
+                                 **({"dp": {"epsilon_spent": round(train_task.epsilon(), 4), "delta": train_task.delta,
+                                            "noise_multiplier": round(train_task.sigma, 4)}} if dp else {})})
+    barrier()
+    return results
+
+
+def private_task(ftask: Any, model: nn.Module, dp: dict[str, Any], n_train: int, batch_size: int,
+                 grad_accum: int, steps: int, seed: int, world: int) -> Any:
+    """Wrap the task in DP-SGD (per-example clipping + secure Gaussian noise) for the requested epsilon."""
+    from llmkit.train.privacy import DPTask
+
+    if world > 1:
+        raise LlmkitError("--dp_epsilon trains in one process; run it without torchrun")
+    if grad_accum != 1:
+        raise LlmkitError("--dp_epsilon needs --grad_accum 1 (noise is added once per batch); raise --batch_size")
+    delta = dp.get("delta") or 1.0 / (10 * n_train)
+    # freeze what the heads' loss never touches (e.g. an encoder's MLM layers): opacus then hooks the layers
+    # inside the backbone instead of treating the backbone as one unsupported module
+    ftask.loss(model, ftask.train_batch(0, 0)).backward()
+    for p in model.parameters():
+        if p.grad is None:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    task = DPTask(ftask, model, epsilon=dp["epsilon"], delta=delta, batch_size=batch_size, dataset_size=n_train,
+                  steps=steps, max_grad_norm=dp.get("max_grad_norm", 1.0), seed=seed,
+                  reproducible=dp.get("reproducible", False))
+    print(f"DP-SGD: epsilon {dp['epsilon']} at delta {delta:.2g}, noise multiplier {task.sigma:.3f}, "
+          f"clip {task.C}, {'seeded (reproducible, not private against the seed)' if task.gen else 'secure'} noise")
+    return task
 
 
 def evaluate_saved(folder: Path, heads: list[HeadData], pad_id: int, device: str,

@@ -12,7 +12,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ from llmkit.models.load import load_model
 from llmkit.models.lora import DEFAULT_TARGETS, apply_lora, count_trainable, load_adapter, save_adapter
 from llmkit.models.lora import merge as merge_cmd
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.loop import TrainConfig, fit
+from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice
+from llmkit.train.loop import TrainConfig, fit, override_names
 
 Example = tuple[list[int], list[int]]  # (token ids, labels): labels[i] = ids[i] on response tokens, else -100
 
@@ -111,7 +112,10 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class SFTTask:
-    """Batches of chat examples for `fit`: a seeded shuffle per epoch, so batch (step, micro) is deterministic."""
+    """Batches of chat examples for `fit`: a seeded shuffle per epoch, so batch (step, micro) is deterministic.
+
+    Under torchrun the global batch is batch_size x world rows; each rank keeps its slice.
+    """
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, grad_accum: int, seed: int,
                  pad_id: int, device: str = "cpu", eval_batches: int = 20):
@@ -120,6 +124,7 @@ class SFTTask:
         self.train, self.val = train, val
         self.batch, self.accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.device, self.eval_batches = device, eval_batches
+        self.world = dist_info()[1]
         self._perm: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
@@ -130,10 +135,12 @@ class SFTTask:
         return self._perm[1]
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        first = (step * self.accum + micro) * self.batch
+        size = self.batch * self.world  # the global batch
+        first = (step * self.accum + micro) * size
         n = len(self.train)
-        rows = [self.train[self._order(g // n)[g % n]] for g in range(first, first + self.batch)]
-        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        rows = [self.train[self._order(g // n)[g % n]] for g in range(first, first + size)]
+        full = collate(rows, self.pad_id)
+        return {k: v.to(self.device) for k, v in rank_slice(full, (full["y"] != -100).sum(1)).items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["x"], batch["y"]).loss
@@ -188,7 +195,8 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         max_steps: int = 200, batch_size: int = 8, grad_accum: int = 1, lr: float | None = None,
         min_lr: float | None = None, warmup_steps: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
         eval_every: int = 50, eval_batches: int = 10, save_every: int = 0, log_every: int = 10,
-        stop_at: int = 0, seed: int = 1337, device: str = "cpu", resume: bool = False) -> list[dict[str, Any]]:
+        stop_at: int = 0, seed: int = 1337, device: str = "cpu", resume: bool = False, resume_override: str = "",
+        precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False) -> list[dict[str, Any]]:
     """Instruction-tune a decoder checkpoint on chat data; only response tokens carry loss.
 
     Args:
@@ -223,13 +231,18 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         stop_at: stop at this step with a resumable save (continue later with --resume true).
         seed: seeds the split, the data order, dropout and LoRA initialisation.
         device: cpu or cuda.
-        resume: continue from OUT's training_state.pt.
+        resume: continue from OUT's training_state.pt (the training settings must match the saved ones).
+        resume_override: comma-separated settings allowed to differ on --resume (e.g. max_steps).
+        precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
+        grad_checkpointing: recompute block activations in backward (less memory, more compute).
 
     Examples:
         llmkit finetune sft runs/smollm2 --data chatterbot-en --out runs/sft-lora --lora_r 8 --max_steps 60
         llmkit finetune sft runs/tiny --data chat.jsonl --out runs/tiny-sft --pack true --max_steps 300
         llmkit lora merge runs/smollm2 runs/sft-lora runs/sft-merged
+        torchrun --nproc_per_node 2 -m llmkit finetune sft runs/tiny --data chat.jsonl --out runs/tiny-sft-ddp
     """
+    rank, _, device = init_distributed(device)
     model, meta = load_model(out if resume and not lora_r else checkpoint, device)
     cfg = ModelConfig.from_dict(meta["model"])
     if cfg.arch != "decoder":
@@ -275,7 +288,7 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
                        lr=lr or (2e-4 if lora_r else 3e-5), min_lr=min_lr, warmup_steps=warmup_steps,
                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                        eval_batches=eval_batches, save_every=save_every, log_every=log_every, stop_at=stop_at,
-                       seed=seed, device=device)
+                       seed=seed, device=device, precision=precision, grad_checkpointing=grad_checkpointing)
     task = SFTTask(train, val, batch_size, grad_accum, seed, tok.pad_id, device, eval_batches)
     state = None
     if resume and lora_r:
@@ -286,7 +299,7 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         state = load_training_state(out_dir)
     model.eval()
     before = task.evaluate(model) if val else {}
-    if before:
+    if before and rank == 0:
         print(f"before training: val_loss {before['val_loss']:.4f} (response tokens)")
     run_meta = {"task": "sft", "base": str(checkpoint), "data": data, "system": system, "pack": pack,
                 "val_before": before, "train": vars(tcfg)}
@@ -304,7 +317,10 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         else:
             save_checkpoint(out_dir, model, cfg, tok, run_meta, training_state)
 
-    records = fit(model, task, tcfg, out_dir, save, resume_state=state)
+    records = fit(model, task, tcfg, out_dir, save, resume_state=state, resume_override=override_names(resume_override))
+    if rank != 0:  # rank 0 writes the summary and the merged copy
+        barrier()
+        return records
     after = next((r for r in reversed(records) if "val_loss" in r), None)
     if before and after:
         print(f"val_loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} on response tokens")
@@ -313,4 +329,5 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
     (out_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if lora_r and merge:
         merge_cmd(checkpoint, str(out_dir), str(out_dir / "merged"))
+    barrier()
     return records

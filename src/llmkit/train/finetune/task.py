@@ -21,6 +21,7 @@ from llmkit.errors import LlmkitError
 from llmkit.metrics.classification import classification_report, ner_report
 from llmkit.models.heads import TaskModel
 from llmkit.tokenizer import Tokenizer
+from llmkit.train.distributed import dist_info, rank_slice
 
 
 @dataclass
@@ -103,6 +104,7 @@ class FinetuneTask:
         self.heads, self.pad_id, self.batch_size, self.grad_accum = heads, pad_id, batch_size, grad_accum
         self.seed, self.eval_batch_size, self.device = seed, eval_batch_size, device
         self.multi = len(heads) > 1
+        self.global_batch = batch_size * dist_info()[1]  # under torchrun each rank keeps its slice
         self._perm: dict[tuple[str, int], list[list[int]]] = {}
         self.steps_run = 0  # optimizer steps drawn so far (early stopping may end before max_steps)
         self.eval_seconds = 0.0  # time spent in evaluate(), to report training throughput without it
@@ -117,7 +119,7 @@ class FinetuneTask:
                 self._perm.clear()
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(len(head.train), generator=g).tolist()
-            B, pool = self.batch_size, self.batch_size * 50
+            B, pool = self.global_batch, self.global_batch * 50
             batches: list[list[int]] = []
             for s in range(0, len(order), pool):
                 chunk = sorted(order[s:s + pool], key=lambda i: len(head.train.ids[i]))
@@ -133,16 +135,27 @@ class FinetuneTask:
         return pad_batch([enc.ids[i] for i in idx], self.pad_id, [enc.labels[i] for i in idx])
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """Batch k = step·accum + micro of an endless run of seeded epochs (per head); keys "{head}.{field}"."""
+        """Batch k = step·accum + micro of an endless run of seeded epochs (per head); keys "{head}.{field}".
+
+        Each head's slice carries its own loss_scale (see distributed.rank_slice): the heads' means differ.
+        """
         out: dict[str, torch.Tensor] = {}
         k = step * self.grad_accum + micro
         self.steps_run = max(self.steps_run, step + 1)
         for head in self.heads:
-            n_batches = math.ceil(len(head.train) / self.batch_size)
+            n_batches = math.ceil(len(head.train) / self.global_batch)
             idx = self._epoch_batches(head, k // n_batches)[k % n_batches]
-            for key, t in self._collate(head, head.train, idx).items():
+            full = self._collate(head, head.train, idx)
+            for key, t in rank_slice(full, self._row_weights(head, full["labels"])).items():
                 out[f"{head.name}.{key}"] = t
         return out
+
+    @staticmethod
+    def _row_weights(head: HeadData, labels: torch.Tensor) -> torch.Tensor:
+        """What each row adds to the denominator of the head's mean loss (labelled tokens / class weight)."""
+        if head.kind == "ner":
+            return (labels != -100).sum(1)
+        return torch.ones(len(labels)) if head.class_weights is None else head.class_weights[labels]
 
     @staticmethod
     def _sub(batch: dict[str, torch.Tensor], name: str, device: str) -> dict[str, torch.Tensor]:
@@ -154,7 +167,10 @@ class FinetuneTask:
         total = None
         for head in self.heads:
             cw = head.class_weights.to(self.device) if head.class_weights is not None else None
-            li = head.weight * model.loss(head.name, self._sub(batch, head.name, self.device), cw)
+            sub = self._sub(batch, head.name, self.device)
+            li = head.weight * model.loss(head.name, sub, cw)
+            if "loss_scale" in sub:
+                li = li * sub["loss_scale"]
             total = li if total is None else total + li
         return total
 
