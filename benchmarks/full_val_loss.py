@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("data", help="llmkit prepared folder (val.bin + meta.json) or nanoGPT data folder (val.bin)")
     ap.add_argument("--nanogpt", action="store_true")
     ap.add_argument("--nanogpt_src", default=None, help="folder holding nanoGPT's model.py")
+    ap.add_argument("--noise_draws", type=int, default=0,
+                    help="also draw this many 20 x 12 random-window estimates (what both trainers report)")
     args = ap.parse_args()
     if args.nanogpt:
         sys.path.insert(0, args.nanogpt_src or str(Path(args.model).resolve().parents[1]))
@@ -69,8 +71,22 @@ def main() -> None:
     model.eval()
     per_window = window_losses(logits_fn, np.asarray(val), block)
     mean, se = float(per_window.mean()), float(per_window.std(ddof=1) / math.sqrt(len(per_window)))
-    print(json.dumps({"model": args.model, "windows": len(per_window), "block": block,
-                      "val_loss_full": round(mean, 4), "standard_error": round(se, 4)}))
+    res = {"model": args.model, "windows": len(per_window), "block": block,
+           "val_loss_full": round(mean, 4), "standard_error": round(se, 4)}
+    if args.noise_draws:  # the spread of a 20-batch estimate: random starts, as in training-time validation
+        g = np.random.default_rng(0)
+        arr = np.asarray(val)
+        est = []
+        for _ in range(args.noise_draws):
+            ix = g.integers(0, len(arr) - block - 1, 240)
+            x = torch.from_numpy(np.stack([arr[i : i + block] for i in ix]).astype(np.int64))
+            y = torch.from_numpy(np.stack([arr[i + 1 : i + 1 + block] for i in ix]).astype(np.int64))
+            with torch.no_grad():
+                logits = torch.cat([logits_fn(x[j : j + 60]) for j in range(0, 240, 60)])
+            est.append(float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))))
+        res["estimate_20x12"] = {"mean": round(float(np.mean(est)), 4), "std": round(float(np.std(est, ddof=1)), 4),
+                                 "min": round(min(est), 4), "max": round(max(est), 4), "draws": len(est)}
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

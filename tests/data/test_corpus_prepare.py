@@ -84,3 +84,83 @@ def test_prepare_uses_uint32_for_big_vocabularies(tmp_path, monkeypatch, bpe_tok
     assert load_shards(tmp_path / "d")[0].dtype == np.uint32
     with pytest.raises(LlmkitError, match="not a prepared data folder"):
         load_shards(tmp_path)
+
+
+def _word_tokenizer(folder, words):
+    """A word-level tokenizer (whitespace split) with an end-of-text token: fast for big synthetic corpora."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from llmkit.tokenizer import Tokenizer
+
+    vocab = {w: i for i, w in enumerate([*words, "<unk>", "<|endoftext|>"])}
+    hf = HF(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    Tokenizer(hf).save(folder)
+    return Tokenizer.load(folder)
+
+
+def test_end_of_text_between_documents(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tok", ["a", "b", "c", "d"])
+    eot = tok.eos_id
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "1.txt").write_text("a a\n\nb b\n", encoding="utf-8")
+    (tmp_path / "docs" / "2.txt").write_text("c c\nd d\n", encoding="utf-8")
+
+    def ids(document):
+        prepare(data=str(tmp_path / "docs"), tokenizer=str(tmp_path / "tok"), out=str(tmp_path / document),
+                val_fraction=0.3, document=document)
+        train, val, _ = load_shards(tmp_path / document)
+        return train.tolist() + val.tolist()
+
+    a, b, c, d = (tok.encode(w)[0] for w in "abcd")
+    assert ids("file") == [a, a, b, b, eot, c, c, d, d]  # one document per file
+    assert ids("paragraph") == [a, a, eot, b, b, eot, c, c, d, d]  # blank lines and files end documents
+    assert ids("none") == [a, a, b, b, c, c, d, d]  # the old behaviour: no boundaries
+    with pytest.raises(LlmkitError, match="applies to the bible"):
+        ids("book")
+
+
+def test_bible_documents_are_books():
+    from llmkit.data.prepare import stream
+
+    items = list(stream("bible"))
+    assert items.count(None) == 65  # 66 books
+    first = items.index(None)
+    assert items[first - 1].startswith("Abraham breathed his last") or "Genesis" not in items[first - 1]
+    assert items[first + 1].startswith("Now these are the names of the sons of Israel")  # Exodus 1:1
+
+
+def test_prepare_streams_in_bounded_memory(tmp_path):
+    """Peak RSS growth while preparing a 32 MB corpus stays under an 8 MB cap (the old code held the text,
+    its lines and int64 ids: several times the corpus)."""
+    import subprocess
+    import sys
+
+    word = "x" * 1000  # long words keep the tokenizer's share of the run short; the bytes are what matter
+    _word_tokenizer(tmp_path / "tok", [word])
+    line = " ".join([word] * 10) + "\n"
+    with (tmp_path / "big.txt").open("w", encoding="utf-8") as f:
+        for _ in range(32 * 2**20 // len(line) + 1):
+            f.write(line)
+    size = (tmp_path / "big.txt").stat().st_size
+    cap = 8 * 2**20
+    assert size >= 4 * cap
+    code = (  # VmHWM is the peak RSS; writing 5 to clear_refs resets it to the current RSS (Linux)
+        "import re, sys\n"
+        "from llmkit.data.prepare import prepare\n"
+        "from llmkit.tokenizer import Tokenizer\n"
+        "def kb(field): return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "Tokenizer.load(sys.argv[2]).encode_batch(['x'])\n"  # warm the tokenizer's own buffers first
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kb('VmRSS')\n"
+        "prepare(data=sys.argv[1], tokenizer=sys.argv[2], out=sys.argv[3])\n"
+        "print((kb('VmHWM') - before) * 1024)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.txt"), str(tmp_path / "tok"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    growth = int(r.stdout.strip().splitlines()[-1])
+    print(f"corpus {size / 2**20:.1f} MiB, peak RSS growth {growth / 2**20:.2f} MiB (cap {cap / 2**20:.0f} MiB)")
+    assert growth < cap
+    assert load_shards(tmp_path / "out")[0].size + load_shards(tmp_path / "out")[1].size == size // len(line) * 10

@@ -92,7 +92,7 @@ def runs(tmp_path_factory, bible_sample, bpe_tokenizer):
     spec = root / "jobs.json"
     spec.write_text(json.dumps(two), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(spec)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "Error" in x or "[rank" in x)[-3000:]

@@ -196,3 +196,25 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_ckpt, tmp_path
         load(bad)
     with pytest.raises(LlmkitError, match="not an llmkit checkpoint"):
         load(tmp_path)
+
+
+def test_grad_checkpointing_gives_the_same_steps(bible_data, tmp_path):
+    run = dict(data=str(bible_data), max_steps=4, **{**SMALL, "eval_every": 0, "dropout": 0.1})
+    plain = _losses(pretrain(out=str(tmp_path / "plain"), **run))
+    ckpt = _losses(pretrain(out=str(tmp_path / "ckpt"), grad_checkpointing=True, **run))
+    assert max(abs(a - b) for a, b in zip(plain, ckpt)) < 1e-5  # recomputation replays the dropout masks
+    model, _ = load_model(tmp_path / "ckpt")  # parameter names are unchanged
+    assert "forward" not in vars(model.blocks[0])  # and the per-instance wrapper is gone after training
+
+
+def test_bf16_autocast_keeps_fp32_weights(bible_data, tmp_path):
+    run = dict(data=str(bible_data), max_steps=3, **{**SMALL, "eval_every": 0, "dropout": 0.0})
+    fp32 = _losses(pretrain(out=str(tmp_path / "fp32"), **run))
+    bf16 = _losses(pretrain(out=str(tmp_path / "bf16"), precision="bf16", **run))
+    assert fp32 != bf16 and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05  # bf16 matmuls, same run
+    model, _ = load_model(tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = load_training_state(tmp_path / "bf16")
+    assert state["train_config"]["precision"] == "bf16"
+    with pytest.raises(LlmkitError, match="precision 'bf16' -> 'fp32'"):
+        pretrain(out=str(tmp_path / "bf16"), resume=True, **{**run, "max_steps": 3})

@@ -37,6 +37,12 @@ def _bible_rows() -> Iterator[tuple[str, str]]:
                 yield f"{row[1]}:{row[2]}", verse
 
 
+def bible_book_verses() -> Iterator[tuple[str, str]]:
+    """(book number, verse) of the World English Bible in order: what `prepare --document book` splits on."""
+    for key, verse in _bible_rows():
+        yield key.split(":")[0], verse
+
+
 def bible_verses() -> Iterator[str]:
     """The World English Bible (public domain), one verse per item, editorial {notes} removed."""
     for _, verse in _bible_rows():
