@@ -61,6 +61,7 @@ COMMANDS: dict[str, Any] = {
         "multitask": ("llmkit.train.finetune.multitask:multitask", "one backbone, several heads, loss = sum of weighted task losses"),
         "sft": ("llmkit.train.finetune.sft:sft", "instruction-tune a decoder on chat JSONL (loss on responses; LoRA optional)"),
     },
+    "quantize": ("llmkit.models.quantize:quantize", "int8 (per-channel) or int4 (grouped) weight-only quantized copy of a checkpoint"),
     "lora": {
         "merge": ("llmkit.models.lora:merge", "fold a LoRA adapter into its base checkpoint"),
     },

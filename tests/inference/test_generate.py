@@ -92,3 +92,30 @@ def test_generate_command_samples_and_batches(tiny_ckpt, capsys):
     assert outs == again
     streamed = generate(str(tiny_ckpt), prompt=["In the"], max_new_tokens=8, temperature=0, stream=True)
     assert streamed[0] in capsys.readouterr().out
+
+
+def test_text_stream_equals_full_decode(bpe_tokenizer):
+    """Incremental detokenization (O(1) per token) against decoding the whole output at once, with multi-byte
+    characters split across byte-level tokens and stop strings anywhere (also spanning tokens)."""
+    import random
+
+    from llmkit.inference.detokenize import TextStream
+
+    tok = bpe_tokenizer
+    text = "In the beginning God created 天地 — the heavens and the earth. Ça va? 北京是中国的首都. And God said"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    rng = random.Random(0)
+    for _ in range(20):
+        cut = ids[: rng.randrange(1, len(ids) + 1)]
+        full = tok.decode(cut)
+        stops = [] if rng.random() < 0.3 else [full[i: i + rng.randrange(1, 5)] for i in
+                                                 (rng.randrange(max(len(full), 1)),)]
+        s = TextStream(tok, stops)
+        pieces = [s.push(t) for t in cut]
+        assert all("\ufffd" not in p for p in pieces)  # a character is shown only once complete
+        pieces.append(s.finish())
+        hits = [full.find(x) for x in stops if x and x in full]
+        want = full[: min(hits)] if hits else full
+        assert "".join(pieces) == s.text == want, (stops, full)
+        assert s.stopped == bool(hits)

@@ -64,11 +64,15 @@ class Collector:
         return f
 
 
-def run_all(engine: Engine, tok, prompts: list[str], params: list[SamplingParams], stagger: float = 0.0) -> Collector:
+def run_all(engine: Engine, tok, prompts: list[str], params: list[SamplingParams], stagger: float = 0.0,
+            first_alone: bool = False) -> Collector:
+    """Submit every prompt; first_alone: the rest only once the first one decodes (so they join it)."""
     col = Collector(engine)
     col.expected = len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.submit(new_request(engine, tok.encode(p), sp, col.sink(i)))
+        while first_alone and i == 0 and engine.stats["steps"] < 1:
+            time.sleep(0.005)
         if stagger:
             time.sleep(stagger)
     assert col.done.wait(60), "engine did not finish in 60 s"
@@ -86,7 +90,7 @@ def test_greedy_matches_generate_with_joins_compaction_and_shift(small_model):
     engine = Engine(model, tok, max_batch=3)
     engine.start()
     try:
-        col = run_all(engine, tok, prompts, params)
+        col = run_all(engine, tok, prompts, params, first_alone=True)
     finally:
         engine.stop()
     for i, r in enumerate(ref):
@@ -165,3 +169,46 @@ def test_mean_pool_embeddings_ignore_padding(model_tok):
     ref = ref / ref.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_chunked_prefill_equals_whole_prefill(small_model):
+    """A left-padded batch prefilled in 5-token chunks through the cache gives the logits of one whole
+    prefill (atol 1e-5), for the last position of every row."""
+    from llmkit.data.batching import left_pad
+
+    model, tok = small_model
+    idx, mask = left_pad([tok.encode(PROMPTS[4])[:30], tok.encode(PROMPTS[1])], 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        whole = model(idx, attention_mask=mask, position_ids=pos, cache=model.new_cache(2, idx.size(1)),
+                      last_only=True).logits
+        cache = model.new_cache(2, idx.size(1))
+        for a in range(0, idx.size(1), 5):
+            part = model(idx[:, a:a + 5], attention_mask=mask[:, a:a + 5], position_ids=pos[:, a:a + 5],
+                         cache=cache, last_only=True).logits
+    assert torch.allclose(part, whole, atol=1e-5)
+
+
+def test_engine_chunks_and_batches_prefills(small_model):
+    """With 4-token chunks, prompts that arrive while others decode are prefilled in pieces between decode
+    steps and several waiting prompts in one batch; the text still equals `generate_text`'s."""
+    model, tok = small_model
+    prompts = [PROMPTS[2], PROMPTS[5], PROMPTS[4], PROMPTS[1], PROMPTS[7]]
+    params = [SamplingParams(max_new_tokens=14, temperature=0) for _ in prompts]
+    ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(prompts, params)]
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=4)
+    col = Collector(engine)
+    col.expected = len(prompts)
+    engine.start()
+    try:
+        engine.submit(new_request(engine, tok.encode(prompts[0]), params[0], col.sink(0)))
+        while engine.stats["steps"] < 2:  # a stream is decoding; the rest arrive together
+            time.sleep(0.01)
+        for i in range(1, len(prompts)):
+            engine.submit(new_request(engine, tok.encode(prompts[i]), params[i], col.sink(i)))
+        assert col.done.wait(60)
+    finally:
+        engine.stop()
+    assert [col.text[i] for i in range(len(prompts))] == ref
+    assert engine.stats["prefill_chunks"] > engine.stats["prefill_batches"]  # long prompts took several chunks
+    assert engine.stats["prefill_batches"] < engine.stats["prefills"]  # waiting prompts were prefilled together

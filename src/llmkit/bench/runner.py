@@ -21,7 +21,7 @@ import torch
 
 # each suite is a module with `bench(quick: bool) -> dict`; a suite whose optional dependency is missing is skipped
 SUITES = {"train": "llmkit.bench.train", "decode": "llmkit.bench.decode", "onnx": "llmkit.bench.onnx",
-          "serve": "llmkit.bench.serve", "finetune": "llmkit.bench.finetune",
+          "serve": "llmkit.bench.serve", "engine": "llmkit.bench.engine", "finetune": "llmkit.bench.finetune",
           "constrained": "llmkit.bench.constrained"}
 
 
@@ -31,8 +31,8 @@ def bench(*, quick: bool = False, only: str | None = None, out: str = "benchmark
 
     Args:
         quick: fewer steps (a smoke run; numbers are noisier).
-        only: run just the benchmarks whose name contains this string (train, decode, onnx, serve, finetune,
-            constrained).
+        only: run just the benchmarks whose name contains this string (train, decode, onnx, serve, engine,
+            finetune, constrained).
         out: folder for the JSON results (one timestamped file plus latest.json).
 
     Examples:

@@ -19,6 +19,8 @@ from llmkit.errors import LlmkitError
 from llmkit.inference.constrained import Constraint, check_schema, json_constraint, validate_json
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_next
+from llmkit.inference.speculative import speculative_greedy
+from llmkit.models.decode_step import StaticKVCache, bucket, check_compiler, step_fn
 from llmkit.models.load import load
 from llmkit.tokenizer import Tokenizer
 
@@ -45,11 +47,14 @@ def check_prompt(n_prompt: int, max_new_tokens: int, block_size: int) -> int:
 def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None,
                  pad_id: int = 0, use_cache: bool = True,
                  should_stop: Callable[[int, list[int]], bool] | None = None,
-                 constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
+                 constraints: list[Constraint | None] | None = None,
+                 compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, per decode step, the new token of every row (None once a row has finished).
 
     A row finishes at eos, at max_new_tokens, at the end of the context, when `should_stop(row, ids)`
     says so (used for stop strings), or when its constraint (structured output) is complete.
+    compile: decode steps run the fixed-shape step under torch.compile (decoder Transformers; see
+    models/decode_step.py).
     """
     model.eval()
     B = len(prompts)
@@ -87,10 +92,21 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
         seen.scatter_(1, idx, mask.bool())
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    cache = model.new_cache(B, idx.size(1) + budget) if use_cache else None
+    static = compile and use_cache and model.cfg.arch == "decoder"
+    if static:
+        step_call = step_fn(model, compile=True)
+        cache = StaticKVCache(model.cfg, B, bucket(idx.size(1) + budget), device, model.tok_emb.weight.dtype)
+    else:
+        cache = model.new_cache(B, idx.size(1) + budget) if use_cache else None
     inp, inp_mask, inp_pos = idx, mask, pos
-    for _ in range(budget):
-        if cache is not None:
+    for i_step in range(budget):
+        if static and i_step > 0:  # one token per row at a tensor position: the compiled graph is reused
+            cache.write_pos.fill_(cache.pos)
+            cache.static = True
+            logits = step_call(inp, inp_pos, cache)[:, None]
+            cache.static = False
+            cache.pos += 1
+        elif cache is not None:
             logits = model(inp, attention_mask=inp_mask, position_ids=inp_pos, cache=cache, last_only=True).logits
         else:
             logits = model(idx, attention_mask=mask, position_ids=pos, last_only=True).logits
@@ -148,47 +164,56 @@ class Completion:
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
                   use_cache: bool = True, on_text: Callable[[int, str], None] | None = None,
-                  constraints: list[Constraint | None] | None = None) -> list[Completion]:
+                  constraints: list[Constraint | None] | None = None, draft: str | nn.Module | None = None,
+                  compile: bool = False) -> list[Completion]:
     """Generate a continuation per prompt; `on_text(row, delta)` streams text as it is produced;
-    `constraints` (one per prompt, see inference/constrained.py) make outputs follow a grammar."""
+    `constraints` (one per prompt, see inference/constrained.py) make outputs follow a grammar.
+
+    draft: speculative greedy decoding (one prompt, temperature 0): "ngram" (prompt lookup) or a draft model.
+    compile: decode steps under torch.compile (see `generate_ids`).
+    """
     ids = [tokenizer.encode(p) for p in prompts]
     B = len(ids)
     budget = min(check_prompt(len(p), params.max_new_tokens, _context_len(model)) for p in ids)
     streams = [TextStream(tokenizer, params.stop) for _ in range(B)]
-    visible = [""] * B  # text safe to show: held back while a stop string or a multi-byte character may form
-    emitted = [0] * B
-    stopped = [False] * B
 
-    def should_stop(row: int, out: list[int]) -> bool:
-        visible[row], stopped[row] = streams[row].visible(out, final=False)
-        return stopped[row]
+    def emit(row: int, delta: str) -> None:
+        if on_text is not None and delta:
+            on_text(row, delta)
 
-    def emit(row: int) -> None:
-        if on_text is not None and len(visible[row]) > emitted[row]:
-            on_text(row, visible[row][emitted[row]:])
-        emitted[row] = max(emitted[row], len(visible[row]))
+    def should_stop(row: int, out: list[int]) -> bool:  # called once per new token of the row
+        emit(row, streams[row].push(out[-1]))
+        return streams[row].stopped
 
     gen_ids: list[list[int]] = [[] for _ in range(B)]
-    for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop,
-                             constraints):
-        for i, t in enumerate(step):
-            if t is not None:
-                gen_ids[i].append(t)
-                emit(i)
+    if draft is not None:
+        if B != 1 or params.temperature != 0 or params.repetition_penalty != 1.0 or constraints:
+            raise LlmkitError("speculative decoding is greedy, one prompt at a time: use --temperature 0, "
+                              "one prompt, no repetition penalty and no JSON schema")
+        for chunk in speculative_greedy(model, ids[0], budget, tokenizer.eos_id,
+                                        None if draft == "ngram" else draft):
+            gen_ids[0].extend(chunk)
+            if should_stop(0, gen_ids[0]):
+                break
+    else:
+        for step in generate_ids(model, ids, params, tokenizer.eos_id, tokenizer.pad_id, use_cache, should_stop,
+                                 constraints, compile):
+            for i, t in enumerate(step):
+                if t is not None:
+                    gen_ids[i].append(t)
     results = []
     for i in range(B):
-        visible[i], _ = streams[i].visible(gen_ids[i], final=True)
-        emit(i)
-        reason = "stop" if stopped[i] or len(gen_ids[i]) < budget else "length"
-        results.append(Completion(visible[i], gen_ids[i], reason))
+        emit(i, streams[i].finish())
+        reason = "stop" if streams[i].stopped or len(gen_ids[i]) < budget else "length"
+        results.append(Completion(streams[i].text, gen_ids[i], reason))
     return results
 
 
 def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_tokens: int = 100, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, repetition_penalty: float = 1.0,
              stop: str | list[str] | None = None, seed: int | None = None, num_samples: int = 1,
-             stream: bool = False, no_cache: bool = False, device: str = "cpu",
-             json_schema: str | None = None) -> list[str]:
+             stream: bool = False, no_cache: bool = False, speculative: str | None = None,
+             compile: bool = False, device: str = "cpu", json_schema: str | None = None) -> list[str]:
     """Generate text from a checkpoint.
 
     Args:
@@ -205,6 +230,10 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
         num_samples: samples per prompt.
         stream: print tokens as they are produced (one prompt and one sample at a time).
         no_cache: recompute the whole sequence each step instead of using the KV cache (slower; for checks).
+        speculative: greedy speculative decoding, same output as --temperature 0, faster on repetitive text:
+            "ngram" drafts from the prompt itself (prompt lookup), or a draft checkpoint sharing the tokenizer.
+        compile: run the one-token decode step under torch.compile (needs a C++ compiler; the first call
+            compiles for a while, later steps are faster; output identical to eager).
         device: cpu or cuda.
         json_schema: a JSON schema file (or inline JSON; "{}" = any JSON object): every output is JSON that
             validates against it (constrained decoding with llguidance).
@@ -214,8 +243,12 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
         llmkit generate runs/sft --prompt "A person as JSON:" --json_schema person.json --temperature 0
         llmkit generate runs/demo --prompt "And God said" --temperature 0 --stop "." --stream true
         llmkit generate runs/demo --prompt+ "The LORD" --prompt+ "Jesus said" --num_samples 2 --seed 1
+        llmkit generate runs/smollm2 --prompt "Repeat: a b c d. Again: a b" --temperature 0 --speculative ngram
     """
+    if compile:
+        check_compiler()
     model, tok = load(checkpoint, device)
+    draft = speculative if speculative in (None, "ngram") else load(speculative, device)[0]
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")
     if isinstance(prompt, str):
@@ -244,12 +277,14 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
 
             if params.seed is not None:
                 params.seed = seed + i
-            c = generate_text(model, tok, [p], params, not no_cache, on_text=emit, constraints=cons())[0]
+            c = generate_text(model, tok, [p], params, not no_cache, on_text=emit, constraints=cons(), draft=draft,
+                              compile=compile)[0]
             _check_json(c, schema, json_schema)
             outputs.append(p + c.text)
             sys.stdout.write("\n" + ("-" * 40 + "\n" if i < len(batch) - 1 else ""))
         return outputs
-    for p, c in zip(batch, generate_text(model, tok, batch, params, not no_cache, constraints=cons())):
+    for p, c in zip(batch, generate_text(model, tok, batch, params, not no_cache, constraints=cons(), draft=draft,
+                                         compile=compile)):
         _check_json(c, schema, json_schema)
         outputs.append(p + c.text)
     for i, o in enumerate(outputs):

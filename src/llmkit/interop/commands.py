@@ -15,6 +15,7 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.interop import hf as hfmap
 from llmkit.interop.gguf import read_gguf
+from llmkit.interop.gguf_quant import map_quantized
 from llmkit.interop.hf_tokenizer import (
     save_for_transformers,
     tokenizer_from_folder,
@@ -27,15 +28,20 @@ from llmkit.models.build import build_model
 from llmkit.models.checkpoint import load_tensors, load_weights, resolve_checkpoint, save_checkpoint
 from llmkit.models.heads import TaskModel, nsp_model
 from llmkit.models.load import load_model
+from llmkit.models.quant import dequantize_model
 from llmkit.tokenizer import Tokenizer
 
 EXTRA = "hf_extra.safetensors"  # HF tensors with no llmkit counterpart (BERT pooler), restored by to-hf
 
 
 def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: Tokenizer | None,
-                   out: str | Path, source: str) -> Path:
-    """Write an llmkit checkpoint from an HF config dict + state dict (shared by folder and GGUF import)."""
+                   out: str | Path, source: str, gguf_path: Path | None = None) -> Path:
+    """Write an llmkit checkpoint from an HF config dict + state dict (shared by folder and GGUF import).
+
+    gguf_path: map the file's Q8_0/Q4_0/Q4_1 weights onto int8/int4 layers instead of keeping fp32.
+    """
     model, leftover = imported_model(hf, sd, source)
+    record = map_quantized(model, gguf_path) if gguf_path is not None else None
     cfg = model.cfg
     meta = None
     if hfmap.family_of(hf)[1] == "BertForPreTraining":  # the pooler + NSP classifier become the "nsp" head
@@ -57,6 +63,8 @@ def import_weights(hf: dict[str, Any], sd: dict[str, torch.Tensor], tokenizer: T
         raise LlmkitError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
                           "they are not from the same model")
     extra = {EXTRA: {k: v.contiguous() for k, v in leftover.items()}} if leftover else None
+    if record:
+        meta = {**(meta or {}), "quantization": record}
     return save_checkpoint(out, model, cfg, tokenizer, meta=meta, extra_tensors=extra)
 
 
@@ -78,19 +86,21 @@ def imported_model(hf: dict[str, Any], sd: dict[str, torch.Tensor], source: str
     return model.eval(), leftover
 
 
-def from_hf(src: str, out: str) -> Path:
+def from_hf(src: str, out: str, *, dequantize: bool = False) -> Path:
     """Import a Hugging Face model folder or a GGUF file into an llmkit checkpoint folder (fp32, tokenizer included).
 
     Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2/2.5),
     Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B),
     BertModel, BertForMaskedLM and BertForPreTraining (MLM + next-sentence heads) from config.json +
     model.safetensors (sharded too) or pytorch_model.bin (loaded with weights_only=True); GGUF files of the
-    llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2 architectures, dequantised to fp32 (tokenizer from
-    the file's metadata through transformers).
+    llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2 architectures (tokenizer from the file's
+    metadata through transformers): Q8_0/Q4_0/Q4_1 weights of llama/qwen2/qwen3 files become llmkit int8/int4
+    layers (group 32), other types are dequantised to fp32.
 
     Args:
         src: a Hugging Face model folder (config.json + weights + tokenizer.json), or a .gguf file.
         out: the llmkit checkpoint folder to write (replaced atomically if it exists).
+        dequantize: GGUF only: make every weight fp32 instead of keeping Q8_0/Q4 weights quantized.
 
     Examples:
         llmkit convert from-hf ~/models/gpt2 runs/gpt2
@@ -111,7 +121,8 @@ def from_hf(src: str, out: str) -> Path:
         hfmap.family_of(hf)  # fail on an unknown architecture before reading gigabytes of weights
         sd = hfmap.read_hf_weights(path)
         tok = tokenizer_from_folder(path)
-    folder = import_weights(hf, sd, tok, out, str(path))
+    gguf_path = path if path.is_file() and not dequantize else None
+    folder = import_weights(hf, sd, tok, out, str(path), gguf_path)
     print(f"imported {hfmap.family_of(hf)[1]} -> {folder}")
     return folder
 
@@ -136,7 +147,7 @@ def to_hf(checkpoint: str, out: str) -> Path:
     """
     from safetensors.torch import save_file
 
-    model, _meta = load_model(checkpoint)
+    model = _fp32_model(checkpoint)
     folder = resolve_checkpoint(checkpoint)
     nsp: dict[str, torch.Tensor] = {}
     if isinstance(model, TaskModel):
@@ -173,8 +184,17 @@ def to_hf(checkpoint: str, out: str) -> Path:
     return Path(out)
 
 
-def _export(checkpoint: str, out: str, kind: str) -> Path:
+def _fp32_model(checkpoint: str) -> torch.nn.Module:
+    """The checkpoint's model with plain Linear layers: int8/int4 ones are exported as their fp32 dequantization."""
     model, _ = load_model(checkpoint)
+    if dequantize_model(model):
+        print("note: the checkpoint is weight-only quantized; its weights are exported dequantized to fp32",
+              file=sys.stderr)
+    return model
+
+
+def _export(checkpoint: str, out: str, kind: str) -> Path:
+    model = _fp32_model(checkpoint)
     folder = resolve_checkpoint(checkpoint)
     with atomic_folder(out) as tmp:
         if kind == "onnx":

@@ -20,6 +20,7 @@ from llmkit.models.checkpoint import (
 )
 from llmkit.models.config import ModelConfig
 from llmkit.models.heads import load_task_model
+from llmkit.models.quant import apply_quant_layout, prepare_quantized
 from llmkit.models.vision import load_multimodal
 from llmkit.tokenizer import Tokenizer
 
@@ -39,8 +40,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         return task_model, meta
     cfg = ModelConfig.from_dict(meta["model"])
     model = build_model(cfg)
+    if "quantization" in meta:  # int8/int4 Linear layers (llmkit quantize, or a GGUF Q8_0/Q4 import)
+        apply_quant_layout(model, meta["quantization"])
     load_weights(model, load_tensors(folder / WEIGHTS), str(folder / WEIGHTS))
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    if "quantization" in meta:
+        prepare_quantized(model, device)
+    return model, meta
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer | None]:

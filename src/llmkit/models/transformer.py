@@ -148,16 +148,19 @@ class Attention(nn.Module):
                 k = k * cos + rotate_half(k) * sin
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): cached keys + this step's
-        if self.nkv != self.nh:  # grouped-query attention: share each KV head across nh/nkv query heads
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        g = self.nh // self.nkv  # grouped-query attention: each KV head serves g query heads, never copied
         dropout = self.dropout if self.training else 0.0
+        if g > 1 and (self.softcap is not None or torch.onnx.is_in_onnx_export()):  # these need equal heads
+            k, v, g = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), 1
         if self.softcap is not None:
             scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.hd)
             y = softcapped_attention(q, k, v, mask, is_causal, scale, self.softcap, dropout)
+        elif g > 1 and T == 1:  # decode: a group's g query heads become g query rows of its KV head (a view)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, g, self.hd), k, v, attn_mask=mask,
+                                               dropout_p=dropout, scale=self.scale).view(B, self.nh, 1, self.hd)
         else:  # softmax(Q K^T * scale + mask) V, scale = 1/sqrt(hd) unless configured
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
-                                               scale=self.scale)
+                                               scale=self.scale, enable_gqa=g > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
 
 

@@ -5,8 +5,11 @@ One background thread owns the model. It keeps a slot cache of `max_batch` rows 
 
     row i holds its n_i cached tokens at buffer positions [pos - n_i, pos); earlier positions are invalid.
 
-A new request is prefilled alone (B=1 cache), its K/V copied right-aligned into a free slot, then it
-decodes with everyone else: one (B, 1) forward per step with per-row `position_ids` (each row's own
+Waiting prompts are prefilled together (left-padded into one batch with its own cache, as many as there
+are free slots and as long as padding stays below the real tokens), in chunks between decode steps while
+streams run: each chunk costs about one decode step (measured prefill rate x step time), so a long prompt
+never stalls the running streams for longer than that. Each prefilled row's K/V is then copied
+right-aligned into its slot and it decodes with everyone else: one (B, 1) forward per step with per-row `position_ids` (each row's own
 logical position) and an attention mask hiding other rows' stale positions and free slots. When `pos`
 reaches L the buffer is shifted left (compaction); a prompt longer than `pos` shifts it right.
 Finished, stopped and cancelled requests free their slot at once.
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmkit.data.batching import left_pad
 from llmkit.errors import LlmkitError
 from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
@@ -50,6 +54,19 @@ class TokenEvent:
 
 
 @dataclass
+class _Prefill:
+    """Requests being prefilled together: left-padded ids (rows, T), their own cache, tokens done so far."""
+
+    reqs: list[GenRequest]
+    slots: list[int]
+    idx: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    cache: KVCache
+    done: int = 0
+
+
+@dataclass
 class GenRequest:
     """One sequence to generate. `sink` receives `TokenEvent`s from the engine thread."""
 
@@ -68,7 +85,6 @@ class GenRequest:
     cancelled: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
-    emitted: int = 0  # characters of text already sent
     n_sampled: int = 0  # tokens sampled, including a final end-of-turn token (usage counts these)
     generator: torch.Generator | None = None
     budget: int = 0
@@ -80,7 +96,8 @@ class Engine:
     """Runs decoder generation for many concurrent requests in one batched decode loop (see module doc)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 8,
-                 on_step: Callable[[int, float], None] | None = None, max_context: int | None = None):
+                 on_step: Callable[[int, float], None] | None = None, max_context: int | None = None,
+                 prefill_chunk: int | None = None):
         cfg = model.cfg
         if cfg.arch != "decoder":
             raise LlmkitError(f"the server generates with decoder models; this checkpoint is arch={cfg.arch!r}")
@@ -99,7 +116,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._waiting: list[GenRequest] = []
         self.error: BaseException | None = None
-        self.stats = {"steps": 0, "prefills": 0, "compactions": 0, "shifts": 0, "aborted": 0}  # for tests and /metrics
+        self.stats = {"steps": 0, "prefills": 0, "compactions": 0, "shifts": 0, "aborted": 0,
+                      "prefill_batches": 0, "prefill_chunks": 0}  # for tests and /metrics
+        self.prefill_chunk = prefill_chunk  # tokens per row per chunk; None = sized to one decode step
+        self._job: _Prefill | None = None
+        self._step_s = 0.0  # moving averages: decode step seconds, prefill tokens per second
+        self._prefill_tps = 0.0
 
     # -- public API (any thread) --------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,7 +184,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
-                    self._drain(block=self.n_running == 0 and not self._waiting)
+                    self._drain(block=self.n_running == 0 and not self._waiting and self._job is None)
                     self._admit()
                     if self.n_running:
                         try:
@@ -173,7 +195,7 @@ class Engine:
             self.error = e
             raise
         finally:
-            for r in [s for s in self.slots if s is not None] + self._waiting:
+            for r in [s for s in self.slots if s is not None] + self._waiting + (self._job.reqs if self._job else []):
                 self._finish(r, "abort")
             while not self.pending.empty():
                 item = self.pending.get()
@@ -199,22 +221,102 @@ class Engine:
                 return
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (lowest slot first, to keep the active rows short)."""
-        while self._waiting and None in self.slots:
-            req = self._waiting.pop(0)
+        """Start prefilling waiting requests into free slots, and run the next chunk of the prefill under way."""
+        if self._job is None:
+            self._start_prefill()
+        if self._job is None:
+            return
+        job = self._job
+        try:
+            self._prefill_chunk(job)
+        except Exception as e:
+            self._job = None
+            internal = not isinstance(e, LlmkitError)
+            if internal:
+                log.error("prefill failed", exc_info=e)
+            msg = f"internal error: {type(e).__name__}: {e}" if internal else str(e)
+            for req in job.reqs:
+                self._release(req)
+                req.sink(TokenEvent(req.index, "", [], [], "error", error=msg, internal=internal))
+
+    def _start_prefill(self) -> None:
+        """Take waiting requests for the free slots (lowest first) into one left-padded prefill batch."""
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        reqs: list[GenRequest] = []
+        while self._waiting and len(reqs) < len(free):
+            req = self._waiting[0]
+            n = len(req.prompt_ids)
+            longest = max([n] + [len(r.prompt_ids) for r in reqs])
+            if reqs and longest * (len(reqs) + 1) > 2 * (n + sum(len(r.prompt_ids) for r in reqs)):
+                break  # the padding would exceed the real tokens: this one starts the next batch
+            self._waiting.pop(0)
             if req.cancelled:
                 self._finish(req, "abort")
                 continue
-            try:
-                self._prefill(req)
-            except LlmkitError as e:
-                self._release(req)
-                req.sink(TokenEvent(req.index, "", [], [], "error", error=str(e)))
-            except Exception as e:
-                log.error("prefill failed", exc_info=e)
-                self._release(req)
-                req.sink(TokenEvent(req.index, "", [], [], "error", error=f"internal error: {type(e).__name__}: {e}",
-                                    internal=True))
+            req.budget = min(req.params.max_new_tokens, self.block_size - n)
+            if req.params.temperature > 0:
+                req.generator = torch.Generator(device="cpu")
+                if req.params.seed is not None:
+                    req.generator.manual_seed(req.params.seed % 2**63)
+                else:
+                    req.generator.seed()
+            if req.budget <= 0:
+                self._finish(req, "length")
+                continue
+            reqs.append(req)
+        if not reqs:
+            return
+        idx, mask = left_pad([r.prompt_ids for r in reqs], 0)
+        idx, mask = idx.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model.new_cache(len(reqs), idx.size(1), bounded=False)
+        self._job = _Prefill(reqs, free[: len(reqs)], idx, mask, pos, cache)
+        self.stats["prefills"] += len(reqs)
+        self.stats["prefill_batches"] += 1
+
+    def _chunk_len(self, rows: int) -> int:
+        """Prefill tokens per row for the next chunk: fixed, or about one decode step's worth of time."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if not self._prefill_tps or not self._step_s:
+            return max(1, 32 // rows)  # first chunk: measure the rate
+        return max(8, int(self._prefill_tps * self._step_s) // rows)
+
+    def _prefill_chunk(self, job: _Prefill) -> None:
+        """Run the next chunk of `job` (all of it when nothing decodes); place its rows when it is done."""
+        T = job.idx.size(1)
+        end = T if self.n_running == 0 else min(T, job.done + self._chunk_len(len(job.reqs)))
+        t0 = time.perf_counter()
+        sl = slice(job.done, end)
+        logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
+                            cache=job.cache, last_only=True).logits[:, -1]  # (rows, V)
+        tps = (end - job.done) * len(job.reqs) / max(time.perf_counter() - t0, 1e-6)
+        self._prefill_tps = tps if not self._prefill_tps else 0.8 * self._prefill_tps + 0.2 * tps
+        self.stats["prefill_chunks"] += 1
+        job.done = end
+        if end < T:
+            return
+        self._job = None
+        c = self.cache
+        if not any(r is not None for r in self.slots):
+            c.valid.zero_()
+            c.pos = T
+        elif c.pos < T:  # the new prompts are longer than the shared window: shift everyone right
+            self._realign(T)
+        for row, (req, slot) in enumerate(zip(job.reqs, job.slots)):
+            n = len(req.prompt_ids)
+            for layer in range(len(c.k)):
+                c.k[layer][slot, :, c.pos - n: c.pos] = job.cache.k[layer][row, :, T - n:]
+                c.v[layer][slot, :, c.pos - n: c.pos] = job.cache.v[layer][row, :, T - n:]
+            c.valid[slot] = False
+            c.valid[slot, c.pos - n: c.pos] = True
+            req.slot, req.n_cached = slot, n
+            self.slots[slot] = req
+        for row, req in enumerate(job.reqs):
+            if req.cancelled:
+                self._finish(req, "abort")
+            else:
+                self._accept(req, logits[row])
 
     def _fail_running(self, e: Exception) -> None:
         log.error("decode step failed; failing the running batch", exc_info=e)
@@ -225,39 +327,6 @@ class Engine:
                                   internal=True))
         self.cache.valid.zero_()
         self.cache.pos = 0
-
-    def _prefill(self, req: GenRequest) -> None:
-        n = len(req.prompt_ids)
-        req.budget = min(req.params.max_new_tokens, self.block_size - n)
-        if req.params.temperature > 0:
-            req.generator = torch.Generator(device="cpu")
-            if req.params.seed is not None:
-                req.generator.manual_seed(req.params.seed % 2**63)
-            else:
-                req.generator.seed()
-        if req.budget <= 0:
-            self._finish(req, "length")
-            return
-        self.stats["prefills"] += 1
-        one = self.model.new_cache(1, n, bounded=False)
-        idx = torch.tensor([req.prompt_ids], device=self.device)
-        logits = self.model(idx, cache=one, last_only=True).logits[:, -1]  # (1, V)
-        slot = self.slots.index(None)
-        active = [r.n_cached for r in self.slots if r is not None]
-        c = self.cache
-        if not active:
-            c.valid.zero_()
-            c.pos = n
-        elif c.pos < n:  # the new prompt is longer than the shared window: shift everyone right
-            self._realign(n)
-        for layer in range(len(c.k)):
-            c.k[layer][slot, :, c.pos - n: c.pos] = one.k[layer][0]
-            c.v[layer][slot, :, c.pos - n: c.pos] = one.v[layer][0]
-        c.valid[slot] = False
-        c.valid[slot, c.pos - n: c.pos] = True
-        req.slot, req.n_cached = slot, n
-        self.slots[slot] = req
-        self._accept(req, logits[0])
 
     def _realign(self, new_end: int) -> None:
         """Shift every row so the shared end moves from `pos` to `new_end` (all rows fit: n_i <= new_end)."""
@@ -301,6 +370,8 @@ class Engine:
         logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
         c.pos = view.pos + lo
         self.stats["steps"] += 1
+        dt = time.perf_counter() - t0
+        self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
         logits = logits[:, -1]  # (hi, V)
         greedy = logits.argmax(-1).tolist()
         produced = 0
@@ -347,14 +418,12 @@ class Engine:
             req.counts[tok] += 1
         if req.constraint is not None:
             req.constraint.advance(tok)
-        text, hit = req.stream.visible(req.out_ids, final=False)
-        hit = hit or (req.constraint is not None and req.constraint.finished)
+        delta = req.stream.push(tok)
+        hit = req.stream.stopped or (req.constraint is not None and req.constraint.finished)
         reason = "stop" if hit else "length" if len(req.out_ids) >= req.budget else None
         if reason is not None:
             self._release(req)
-            text, _ = req.stream.visible(req.out_ids, final=True)
-        delta = text[req.emitted:] if len(text) > req.emitted else ""
-        req.emitted = max(req.emitted, len(text))
+            delta += req.stream.finish()
         req.sink(TokenEvent(req.index, delta, [tok], lp, reason, req.n_sampled))
 
     def _release(self, req: GenRequest) -> None:
@@ -370,9 +439,7 @@ class Engine:
         if reason == "abort":
             self.stats["aborted"] += 1
         elif req.stream is not None:
-            full, _ = req.stream.visible(req.out_ids, final=True)
-            text = full[req.emitted:] if len(full) > req.emitted else ""
-            req.emitted = max(req.emitted, len(full))
+            text = req.stream.finish()
         req.sink(TokenEvent(req.index, text, [], [], reason, req.n_sampled))
 
 

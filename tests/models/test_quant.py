@@ -1,0 +1,146 @@
+"""Weight-only int8/int4 quantization: the kernels against an independent dequantize-then-matmul, the model
+against fp32, the command's round trip through `llmkit.load`, and its refusals."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from llmkit.cli import main
+from llmkit.models.build import build_model
+from llmkit.models.checkpoint import read_meta, save_checkpoint
+from llmkit.models.config import preset
+from llmkit.models.load import load
+from llmkit.models.quant import QuantLinear, quantize_model
+
+
+def reference_dequant(q: QuantLinear) -> torch.Tensor:
+    """The stored format, decoded straight from its definition (not via QuantLinear.dequantize)."""
+    if q.bits == 8:
+        return q.qweight.double() * q.scales.double()[:, None]
+    lo, hi = (q.qweight & 15).double(), (q.qweight >> 4).double()
+    ints = torch.empty(q.out_features, q.in_features, dtype=torch.float64)
+    ints[:, 0::2], ints[:, 1::2] = lo, hi
+    g = q.group_size
+    scale = q.scales.double().repeat_interleave(g, 1)
+    mins = q.mins.double().repeat_interleave(g, 1)
+    return ints * scale + mins
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, None])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 20])  # decode sizes use the int kernels, 20 rows the dequantized GEMM
+def test_quant_linear_matches_dequantized_matmul(bits, group, act, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True)
+    q = QuantLinear.from_linear(lin, bits, group)
+    q.prepare(act)
+    x = torch.randn(rows, 128)
+    want = (x.double() @ reference_dequant(q).T + lin.bias.double()).float()
+    got = q(x)
+    # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 fallback: 1e-4
+    tol = 2e-2 if act is not None else 1e-4
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    # and the quantization error itself is small against the fp32 layer (int4 groups: ~5-10%)
+    full = lin(x)
+    assert (got - full).norm() / full.norm() < (0.02 if bits == 8 else 0.12)
+
+
+def test_int4_pack_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    q = QuantLinear.from_linear(nn.Linear(64, 64, bias=False), 4, 32)
+    from llmkit.models.quant import pack_int4, unpack_int4
+
+    ints = torch.randint(0, 16, (64, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(ints)), ints)
+    assert q.qweight.shape == (64, 32) and w.shape == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory, bpe_tokenizer):
+    torch.manual_seed(0)
+    cfg = preset("llama-tiny", vocab_size=bpe_tokenizer.vocab_size, n_layer=2, tie_embeddings=True)
+    model = build_model(cfg)
+    return save_checkpoint(tmp_path_factory.mktemp("q") / "llama", model, cfg, bpe_tokenizer)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in-process (a subprocess costs seconds of imports per call): exit status + captured output."""
+    import contextlib
+    import io
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.parametrize("bits,extra,tol", [(8, [], 0.02), (4, ["--group_size", "32"], 0.15)])
+def test_quantize_command_round_trip(llama_ckpt, tmp_path, bits, extra, tol):
+    out = tmp_path / f"int{bits}"
+    r = _run("quantize", str(llama_ckpt), str(out), "--bits", str(bits), *extra)
+    assert r.returncode == 0, r.stderr
+    meta = read_meta(out)
+    assert meta["quantization"]["bits"] == bits and "lm_head" in meta["quantization"]["modules"]
+    qmodel, tok = load(out)
+    fmodel, _ = load(llama_ckpt)
+    assert tok is not None and isinstance(qmodel.lm_head, QuantLinear)
+    assert qmodel.tok_emb.weight.dtype == torch.float32  # embeddings stay fp32
+    x = torch.randint(0, qmodel.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        f, q = fmodel(x).logits, qmodel(x).logits
+        # relative L2 error of the logits: int8 < 2%, int4 (group 32) < 15% on this random-init model
+        assert (q - f).norm() / f.norm() < tol
+        # cache = no cache for the quantized model too (one-token steps use the int kernels)
+        cache = qmodel.new_cache(1, 24)
+        qmodel(x[:1, :20], cache=cache)
+        steps = torch.cat([qmodel(x[:1, i:i + 1], cache=cache).logits for i in range(20, 24)], 1)
+        assert torch.allclose(steps, qmodel(x[:1]).logits[:, 20:], atol=3e-2, rtol=0)
+    r = _run("generate", str(out), "--prompt", "In the beginning", "--max_new_tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def test_quantize_refusals(llama_ckpt, tmp_path):
+    out = tmp_path / "q8"
+    assert _run("quantize", str(llama_ckpt), str(out), "--bits", "8").returncode == 0
+    for args, words in [((str(out), str(tmp_path / "again"), "--bits", "4"), "already quantized"),
+                        ((str(llama_ckpt), str(tmp_path / "b3"), "--bits", "3"), "--bits 3"),
+                        ((str(llama_ckpt), str(tmp_path / "g48"), "--bits", "4", "--group_size", "48"), "group_size 48"),
+                        ((str(llama_ckpt), str(tmp_path / "g8"), "--bits", "8", "--group_size", "32"), "per output channel")]:
+        r = _run("quantize", *args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / args[1].rsplit("/", 1)[-1]).exists() or args[1] == str(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
+def test_quantize_model_in_place_keeps_outputs_close():
+    torch.manual_seed(0)
+    m = build_model(preset("gpt2-tiny", vocab_size=256, n_layer=1)).eval()
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        f = m(x).logits
+        quantize_model(m, 8)
+        q = m(x).logits
+    assert (q - f).norm() / f.norm() < 0.02
+
+
+def test_quantized_checkpoint_exports_dequantized(llama_ckpt, tmp_path):
+    """Exporters take a quantized checkpoint and write its dequantized fp32 weights (same function up to bf16)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    q = tmp_path / "q8"
+    assert _run("quantize", str(llama_ckpt), str(q), "--bits", "8").returncode == 0
+    r = _run("convert", "to-hf", str(q), str(tmp_path / "hf"))
+    assert r.returncode == 0 and "dequantized" in r.stderr, r.stderr
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    qmodel, _ = load(q)
+    x = torch.randint(0, qmodel.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        got, want = hf(x).logits, qmodel(x).logits
+    # the tied head is exported as the fp32 embedding (HF ties them), so allow the int8 head's error too
+    assert (got - want).norm() / want.norm() < 0.03
