@@ -204,8 +204,11 @@ def test_engine_chunks_and_batches_prefills(small_model):
         engine.submit(new_request(engine, tok.encode(prompts[0]), params[0], col.sink(0)))
         while engine.stats["steps"] < 2:  # a stream is decoding; the rest arrive together
             time.sleep(0.01)
+        gate = threading.Event()
+        engine.pending.put(lambda: gate.wait(10))  # hold the engine thread until all four are queued
         for i in range(1, len(prompts)):
             engine.submit(new_request(engine, tok.encode(prompts[i]), params[i], col.sink(i)))
+        gate.set()
         assert col.done.wait(60)
     finally:
         engine.stop()
