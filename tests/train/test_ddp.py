@@ -1,8 +1,11 @@
 """Every trainer under torchrun is one data-parallel run: 2 CPU processes (gloo) give the losses of 1 process
 at the same global batch (within 1e-4: float summation order differs), only rank 0 writes, and a resumed
-2-process run with dropout repeats the uninterrupted one (each rank gets its own RNG state back).
+2-process run with dropout repeats the uninterrupted one (each rank gets its own RNG state back). With
+--fsdp (FSDP2) pretrain and sft match 1 process too, the consolidated model.safetensors loads anywhere, and
+a run SIGKILLed while checkpointing resumes to the losses of an uninterrupted run.
 
-All 2-process work happens in one torchrun launch (tests/train/dist_worker.py) to pay the start-up once.
+The 2-process work happens in two torchrun launches (tests/train/dist_worker.py): everything, ending in the
+killed run; then its resume.
 """
 
 import json
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from llmkit.data.prepare import prepare
+from llmkit.models.checkpoint import load_training_state
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TOL = 1e-4
@@ -23,6 +27,13 @@ TOL = 1e-4
 def _losses(folder: Path) -> list[float]:
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if "loss" in row]
+
+
+def _torchrun(spec: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(spec)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _call(job: dict) -> None:
@@ -89,13 +100,22 @@ def runs(tmp_path_factory, bible_sample, bpe_tokenizer):
     two += [{"fn": jobs["pretrain"][0], "kwargs": {**drop, "out": str(root / "drop-straight")}},
             {"fn": jobs["pretrain"][0], "kwargs": {**drop, "out": str(root / "drop-resumed"), "stop_at": 2}},
             {"fn": jobs["pretrain"][0], "kwargs": {**drop, "out": str(root / "drop-resumed"), "resume": True}}]
-    spec = root / "jobs.json"
-    spec.write_text(json.dumps(two), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(spec)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, "\n".join(x for x in r.stderr.splitlines() if "Error" in x or "[rank" in x)[-3000:]
+    # FSDP: the same pretrain / sft jobs sharded; then a 6-step run killed at its step-4 save, and its reference
+    two += [{**j, "kwargs": {**j["kwargs"], "fsdp": True, "out": j["kwargs"]["out"] + "-fsdp"}}
+            for j in two[:2]]
+    fsdp = {**lm, "batch_size": 4, "fsdp": True, "max_steps": 6, "save_every": 2}
+    two += [{"fn": jobs["pretrain"][0], "kwargs": {**fsdp, "out": str(root / "fsdp-straight")}},
+            {"fn": jobs["pretrain"][0], "kwargs": {**fsdp, "out": str(root / "fsdp-killed")}, "kill_at_step": 4}]
+    resume = [{"fn": jobs["pretrain"][0], "kwargs": {**fsdp, "out": str(root / "fsdp-killed"), "resume": True}}]
+    for i, (spec, expect_kill) in enumerate(((two, True), (resume, False))):
+        (root / f"jobs{i}.json").write_text(json.dumps(spec), encoding="utf-8")
+        r = _torchrun(root / f"jobs{i}.json")
+        errors = "\n".join(x for x in r.stderr.splitlines() if "Error" in x or "[rank" in x)[-3000:]
+        if expect_kill:  # rank 0 died by SIGKILL in the last job, nothing else failed
+            assert r.returncode != 0 and "SIGKILL" in r.stderr, errors
+            assert load_training_state(root / "fsdp-killed")["step"] == 2
+        else:
+            assert r.returncode == 0, errors
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -124,10 +144,30 @@ def test_only_rank_0_writes_and_results_are_complete(runs):
 
 @pytest.mark.slow
 def test_resume_restores_each_ranks_rng(runs):
-    from llmkit.models.checkpoint import load_training_state
-
     straight, resumed = _losses(runs / "drop-straight"), _losses(runs / "drop-resumed")
     assert len(straight) == len(resumed) == 4
     assert max(abs(a - b) for a, b in zip(straight, resumed)) < 1e-6, (straight, resumed)
     rng = load_training_state(runs / "drop-resumed")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pretrain", "sft"])
+def test_fsdp_matches_one_process_and_saves_one_loadable_model(runs, name):
+    from llmkit.models.load import load_model
+
+    one, two = _losses(runs / f"{name}-1"), _losses(runs / f"{name}-2-fsdp")
+    assert len(one) == len(two) >= 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < TOL, (one, two)
+    m1, _ = load_model(runs / f"{name}-1")
+    m2, _ = load_model(runs / f"{name}-2-fsdp")  # consolidated weights, loaded without any process group
+    for (k, p), q in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0, msg=k)
+    assert [p.name for p in (runs / f"{name}-2-fsdp.shards").iterdir()] == [f"step_{len(one):08d}"]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_sigkill_repeats_the_uninterrupted_run(runs):
+    straight, resumed = _losses(runs / "fsdp-straight"), _losses(runs / "fsdp-killed")
+    assert len(straight) == len(resumed) == 6
+    assert max(abs(a - b) for a, b in zip(straight, resumed)) < 1e-6, (straight, resumed)

@@ -10,6 +10,7 @@ over the global batch even when ranks hold different numbers of target tokens.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,3 +112,105 @@ def wrap_ddp(module: nn.Module) -> nn.Module:
 
     # heads, MLM layers or adapters may take no part in a given loss: let DDP find them each step
     return DistributedDataParallel(module, find_unused_parameters=True)
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a model (every member of an nn.ModuleList): the units to checkpoint / shard."""
+    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: each block is one sharded unit (gathered for its forward / backward, then freed), the rest
+    (embeddings, final norm, head) the root unit. Parameters, gradients and optimizer state are sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = blocks_of(model)
+    if not blocks:
+        raise LlmkitError(f"{type(model).__name__} has no repeated blocks to shard; train it without --fsdp")
+    for b in blocks:
+        fully_shard(b)
+    fully_shard(model)
+
+
+def sharded_dir(out_dir: Path) -> Path:
+    """Where FSDP runs keep their sharded model + optimizer state for --resume: OUT.shards/step_N."""
+    return out_dir.with_name(out_dir.name + ".shards")
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The consolidated (unsharded) state dict, on CPU, on rank 0 ({} elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(out_dir: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer) -> str:
+    """Every rank writes its shards (torch.distributed.checkpoint) to OUT.shards/step_N; returns "step_N".
+
+    Written to a temp name and renamed by rank 0 once all ranks are done, so a kill leaves the previous
+    step's folder (which the previous training_state.pt points at) intact. Collective.
+    """
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = sharded_dir(out_dir)
+    name = f"step_{step:08d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    if dist_info()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    barrier()
+    if dist_info()[0] == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    barrier()
+    return name
+
+
+def load_sharded(out_dir: Path, name: str, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Restore the sharded model + optimizer state saved by save_sharded (each rank reads its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = sharded_dir(out_dir) / name
+    if not path.exists():
+        raise LlmkitError(f"{path} (the sharded state this checkpoint was saved with) is missing; "
+                          "--resume of an --fsdp run needs it")
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def prune_sharded(out_dir: Path, keep: str) -> None:
+    """Drop the sharded states older than `keep` (rank 0, after the checkpoint pointing at `keep` is saved)."""
+    import shutil
+
+    for p in sharded_dir(out_dir).glob("step_*"):
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class WeightsView(nn.Module):
+    """A stand-in module whose state_dict is a given (consolidated) dict: what save_checkpoint writes."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.weights = weights
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.weights
+
+
+def weights_to_save(model: nn.Module, training_state: dict[str, Any]) -> nn.Module:
+    """The module a save callback should write: the consolidated FSDP weights when the loop gathered them."""
+    weights = training_state.pop("weights", None)
+    return model if weights is None else WeightsView(weights)

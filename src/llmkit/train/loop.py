@@ -26,11 +26,17 @@ from llmkit.io import atomic_file
 from llmkit.train.distributed import (
     TaskForward,
     barrier,
+    blocks_of,
     dist_info,
+    full_weights,
     gather_objects,
     init_distributed,
+    load_sharded,
+    prune_sharded,
     rng_state,
+    save_sharded,
     set_rng_state,
+    shard_model,
     wrap_ddp,
 )
 
@@ -247,11 +253,6 @@ def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers of a model (every member of an nn.ModuleList): the units to checkpoint / shard."""
-    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-
-
 @contextlib.contextmanager
 def grad_checkpointing(model: nn.Module, enabled: bool):
     """Recompute each block's activations during backward instead of keeping them (torch.utils.checkpoint).
@@ -310,9 +311,23 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
         step = resume_state["step"]
         if "train_config" in resume_state:
             cfg = resume_config(resume_state["train_config"], cfg, step, resume_override)
+    forward = TaskForward(model, task)
+    if cfg.fsdp:  # shard first: the optimizer must see the sharded parameters
+        if params is not None:
+            raise LlmkitError("--fsdp trains every parameter; it does not combine with LoRA adapters")
+        shard_model(model)
+        run: nn.Module = forward
+    else:
+        run = wrap_ddp(forward) if world > 1 else forward
     opt = make_optimizer(model, cfg, params)
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
+        if bool(resume_state.get("train_config", {}).get("fsdp", False)) != cfg.fsdp:
+            raise LlmkitError("--resume: the checkpoint was trained with a different --fsdp setting; resume with "
+                              "the one it was started with")
+        if cfg.fsdp:
+            load_sharded(out_dir, resume_state["fsdp_state"], model, opt)
+        else:
+            opt.load_state_dict(resume_state["optimizer"])
         task.load_state_dict(resume_state["task"])
         _restore_rng(resume_state, rank, world, cfg.seed + step, resume_override)
         best, bad_evals = resume_state.get("best"), resume_state.get("bad_evals", 0)
@@ -320,13 +335,17 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
         if step >= cfg.max_steps:
             raise LlmkitError(f"the checkpoint is already at step {step} >= max_steps {cfg.max_steps}; "
                               "raise --max_steps (with --resume_override max_steps) to train further")
-    forward = TaskForward(model, task)
-    run = wrap_ddp(forward) if world > 1 else forward
 
     def state() -> dict[str, Any]:  # collective: every rank calls it, rank 0 gets everyone's RNG
-        return {"step": step, "optimizer": opt.state_dict(), "task": task.state_dict(),
-                "rng": gather_objects(rng_state()), "world_size": world,
-                "best": best, "bad_evals": bad_evals, "train_config": dataclasses.asdict(cfg)}
+        st = {"step": step, "optimizer": None, "task": task.state_dict(),
+              "rng": gather_objects(rng_state()), "world_size": world,
+              "best": best, "bad_evals": bad_evals, "train_config": dataclasses.asdict(cfg)}
+        if cfg.fsdp:  # sharded state for resume beside OUT; consolidated weights for the checkpoint
+            st["fsdp_state"] = save_sharded(out_dir, step, model, opt)
+            st["weights"] = full_weights(model)
+        else:
+            st["optimizer"] = opt.state_dict()
+        return st
 
     bar = None
     if progress and is_main:
@@ -348,15 +367,18 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
                 batch = task.train_batch(step, micro)
                 tokens_since += task.n_tokens(batch) * world
                 sync = world == 1 or micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else run.no_sync():
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+                with contextlib.nullcontext() if sync or cfg.fsdp else run.no_sync():
                     with autocast(cfg):
                         loss = run(batch) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach().float()
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                      cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -408,6 +430,8 @@ def fit(model: nn.Module, task: Task, cfg: TrainConfig, out_dir: str | Path,
                 st = state()
                 if is_main:
                     save("last", st)
+                    if cfg.fsdp:
+                        prune_sharded(out_dir, st["fsdp_state"])
     if bar is not None:
         bar.close()
     barrier()  # rank 0's checkpoint is complete before any rank goes on (e.g. to read it)

@@ -24,7 +24,7 @@ from llmkit.models.config import PRESETS, ModelConfig, preset
 from llmkit.models.heads import nsp_model
 from llmkit.models.load import load_model
 from llmkit.tokenizer import Tokenizer, train_from_iterator
-from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice
+from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice, weights_to_save
 from llmkit.train.loop import TrainConfig, fit, override_names
 from llmkit.train.nsp import nsp_task
 
@@ -142,7 +142,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
              beta2: float = 0.99, grad_clip: float = 1.0, eval_every: int = 250, eval_batches: int = 20,
              save_every: int = 0, log_every: int = 10, stop_at: int = 0, seed: int = 1337, device: str = "cpu",
              resume: bool = False, resume_override: str = "", precision: Literal["fp32", "bf16"] = "fp32",
-             grad_checkpointing: bool = False, compile: bool = False) -> list[dict[str, Any]]:
+             grad_checkpointing: bool = False, fsdp: bool = False, compile: bool = False) -> list[dict[str, Any]]:
     """Pretrain a model from a preset on a corpus; writes a checkpoint folder, metrics.jsonl and loss.png to OUT.
 
     Args:
@@ -181,6 +181,8 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
             schedule continues from the saved step's learning rate, decaying to min_lr at the new max_steps.
         precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
         grad_checkpointing: recompute block activations in backward (less memory, more compute).
+        fsdp: under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2);
+            resumable sharded state goes to OUT.shards/, one consolidated model.safetensors to OUT.
         compile: torch.compile the model (faster steps after a slow first one).
 
     Examples:
@@ -190,6 +192,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
             --resume_override max_steps
         llmkit pretrain --data bible --out runs/bert-nsp --preset_name bert-tiny --objective mlm+nsp --max_steps 1000
         torchrun --nproc_per_node 2 -m llmkit pretrain --data bible --out runs/ddp --batch_size 6
+        torchrun --nproc_per_node 2 -m llmkit pretrain --data bible --out runs/fsdp --batch_size 6 --fsdp true
     """
     rank, world, device = init_distributed(device)
     out_dir = Path(out)
@@ -238,7 +241,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
                        warmup_steps=warmup_steps, weight_decay=weight_decay, beta2=beta2, grad_clip=grad_clip,
                        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every,
                        log_every=log_every, stop_at=stop_at, seed=seed, device=device, precision=precision,
-                       grad_checkpointing=grad_checkpointing)
+                       grad_checkpointing=grad_checkpointing, fsdp=fsdp)
     if resume:
         model, saved_meta = load_model(out_dir, device)
         _check_same(ModelConfig.from_dict(saved_meta["model"]), cfg)
@@ -263,7 +266,7 @@ def pretrain(*, data: str = "bible", out: str = "runs/pretrain", preset_name: st
 
     def save(kind: str, training_state: dict[str, Any]) -> None:
         if kind == "last":
-            save_checkpoint(out_dir, model, cfg, tok, run_meta, training_state)
+            save_checkpoint(out_dir, weights_to_save(model, training_state), cfg, tok, run_meta, training_state)
 
     return fit(run_model, task, tcfg, out_dir, save, resume_state=state, resume_override=override_names(resume_override))
 

@@ -28,7 +28,7 @@ from llmkit.models.load import load_model
 from llmkit.models.lora import DEFAULT_TARGETS, apply_lora, count_trainable, load_adapter, save_adapter
 from llmkit.models.lora import merge as merge_cmd
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice
+from llmkit.train.distributed import barrier, dist_info, init_distributed, rank_slice, weights_to_save
 from llmkit.train.loop import TrainConfig, fit, override_names
 
 Example = tuple[list[int], list[int]]  # (token ids, labels): labels[i] = ids[i] on response tokens, else -100
@@ -196,7 +196,8 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         min_lr: float | None = None, warmup_steps: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
         eval_every: int = 50, eval_batches: int = 10, save_every: int = 0, log_every: int = 10,
         stop_at: int = 0, seed: int = 1337, device: str = "cpu", resume: bool = False, resume_override: str = "",
-        precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False) -> list[dict[str, Any]]:
+        precision: Literal["fp32", "bf16"] = "fp32", grad_checkpointing: bool = False,
+        fsdp: bool = False) -> list[dict[str, Any]]:
     """Instruction-tune a decoder checkpoint on chat data; only response tokens carry loss.
 
     Args:
@@ -235,6 +236,8 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
         resume_override: comma-separated settings allowed to differ on --resume (e.g. max_steps).
         precision: fp32, or bf16 (autocast; weights, gradients and optimizer state stay fp32).
         grad_checkpointing: recompute block activations in backward (less memory, more compute).
+        fsdp: under torchrun, shard parameters, gradients and optimizer state (FSDP2; full fine-tuning only);
+            resumable sharded state goes to OUT.shards/, one consolidated model.safetensors to OUT.
 
     Examples:
         llmkit finetune sft runs/smollm2 --data chatterbot-en --out runs/sft-lora --lora_r 8 --max_steps 60
@@ -288,7 +291,8 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
                        lr=lr or (2e-4 if lora_r else 3e-5), min_lr=min_lr, warmup_steps=warmup_steps,
                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                        eval_batches=eval_batches, save_every=save_every, log_every=log_every, stop_at=stop_at,
-                       seed=seed, device=device, precision=precision, grad_checkpointing=grad_checkpointing)
+                       seed=seed, device=device, precision=precision, grad_checkpointing=grad_checkpointing,
+                       fsdp=fsdp)
     task = SFTTask(train, val, batch_size, grad_accum, seed, tok.pad_id, device, eval_batches)
     state = None
     if resume and lora_r:
@@ -315,7 +319,7 @@ def sft(checkpoint: str, *, data: str, out: str, val_data: str | None = None, va
             _save_state(out_dir / "training_state.pt", training_state)
             save_adapter(out_dir, model, run_meta)
         else:
-            save_checkpoint(out_dir, model, cfg, tok, run_meta, training_state)
+            save_checkpoint(out_dir, weights_to_save(model, training_state), cfg, tok, run_meta, training_state)
 
     records = fit(model, task, tcfg, out_dir, save, resume_state=state, resume_override=override_names(resume_override))
     if rank != 0:  # rank 0 writes the summary and the merged copy
