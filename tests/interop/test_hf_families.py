@@ -127,6 +127,27 @@ def test_sliding_window_cache_is_bounded_and_batched_generation_matches(tmp_path
     assert got == [_greedy_hf(ref, p, 32) for p in prompts]
 
 
+def test_gemma3_vision_language_checkpoint_imports_its_language_model(tmp_path):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration: the text path of that model = the imported one."""
+    cls, kw = FAMILIES["gemma3"]
+    torch.manual_seed(5)
+    text = {**COMMON, **kw}
+    cfg = transformers.Gemma3Config(text_config=text, mm_tokens_per_image=4, vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "norm" in n:
+                p.uniform_(-0.5, 0.5)
+    ref.save_pretrained(tmp_path / "hf")
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    ours, _ = load_model(tmp_path / "ours")
+    assert ours.cfg.qk_norm and ours.cfg.layer_kinds.count("global") == 1
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids).logits - ref(input_ids=ids).logits).abs().max().item() <= ATOL
+
+
 def _cli_error(capsys, argv: list[str]) -> str:
     capsys.readouterr()
     assert main(argv) == 2

@@ -90,7 +90,8 @@ def from_hf(src: str, out: str, *, dequantize: bool = False) -> Path:
     """Import a Hugging Face model folder or a GGUF file into an llmkit checkpoint folder (fp32, tokenizer included).
 
     Supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (Qwen2/2.5),
-    Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B),
+    Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text Gemma 3: 270M/1B; of a
+    Gemma3ForConditionalGeneration, 4B+, the language model alone),
     BertModel, BertForMaskedLM and BertForPreTraining (MLM + next-sentence heads) from config.json +
     model.safetensors (sharded too) or pytorch_model.bin (loaded with weights_only=True); GGUF files of the
     llama, qwen2, qwen3, phi3, gemma2, gemma3 and gpt2 architectures (tokenizer from the file's
@@ -117,9 +118,9 @@ def from_hf(src: str, out: str, *, dequantize: bool = False) -> Path:
         hf, sd, hf_tok = read_gguf(path)
         tok: Tokenizer | None = None if hf_tok is None else tokenizer_from_transformers(hf_tok)
     else:
-        hf = hfmap.read_hf_config(path)
-        hfmap.family_of(hf)  # fail on an unknown architecture before reading gigabytes of weights
-        sd = hfmap.read_hf_weights(path)
+        raw = hfmap.read_hf_config(path)
+        hfmap.family_of(hfmap.text_model_of(raw, None)[0])  # fail on an unknown architecture before reading GBs
+        hf, sd = hfmap.text_model_of(raw, hfmap.read_hf_weights(path))
         tok = tokenizer_from_folder(path)
     gguf_path = path if path.is_file() and not dequantize else None
     folder = import_weights(hf, sd, tok, out, str(path), gguf_path)

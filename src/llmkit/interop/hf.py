@@ -9,6 +9,7 @@ and the parity tests check the table.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,31 @@ NSP_TENSORS = {"heads.nsp.pooler.weight": "bert.pooler.dense.weight", "heads.nsp
 
 
 # ----------------------------------------------------------------------------------------------- configs
+
+
+# vision-language wrappers whose language model llmkit imports on its own: arch -> (text arch, weight prefix)
+_MULTIMODAL = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", "language_model.")}
+
+
+def text_model_of(hf: dict[str, Any], sd: dict[str, torch.Tensor] | None
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """The language model of a vision-language checkpoint (Gemma 3 4B+): its text_config as the config and
+    its weights under the plain text-model names; the vision tower and projector are dropped (with a note)."""
+    arch = (hf.get("architectures") or [""])[0]
+    if arch not in _MULTIMODAL:
+        return hf, sd
+    text_arch, prefix = _MULTIMODAL[arch]
+    text = {**need(hf, "text_config"), "architectures": [text_arch]}
+    for k in ("tie_word_embeddings", *_TOKEN_IDS):
+        if k not in text and hf.get(k) is not None:
+            text[k] = hf[k]
+    if sd is None:
+        return text, None
+    kept = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    dropped = len(sd) - len(kept)
+    print(f"note: {arch}: importing the language model only ({dropped} vision tower/projector tensors dropped)",
+          file=sys.stderr)
+    return text, kept
 
 
 def family_of(hf: dict[str, Any]) -> tuple[Family, str, bool]:
