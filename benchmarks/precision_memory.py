@@ -3,7 +3,7 @@
 Each configuration runs in its own subprocess (peak RSS = VmHWM after resetting it, Linux), alternating
 fp32 / bf16 so that a busy machine slows both alike; report ratios, not absolute numbers.
 
-    python benchmarks/precision_memory.py [--steps 40] [--repeats 2]
+    python benchmarks/precision_memory.py [--steps 40] [--repeats 2] [--data ../shared/data/tinyshakespeare.txt]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ print(json.dumps({"tok_s": args["steps"] * args["batch"] * cfg.block_size / dt,
 """
 
 
-def run(**args) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"data": str(SHAKESPEARE), **args})],
+def run(data: str, **args) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"data": data, **args})],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -57,16 +57,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--data", default=str(SHAKESPEARE), help="Tiny Shakespeare text file")
     a = ap.parse_args()
     speed: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(a.repeats):  # char-shakespeare shape, batch 12 x 64
         for prec in ("fp32", "bf16"):
-            speed[prec].append(run(preset="char-shakespeare", batch=12, steps=a.steps, precision=prec,
+            speed[prec].append(run(a.data, preset="char-shakespeare", batch=12, steps=a.steps, precision=prec,
                                    ckpt=False)["tok_s"])
     mem = {}
     big = {"n_layer": 4, "d_model": 256, "n_head": 4, "block_size": 256}  # activations dominate
     for ckpt in (False, True):
-        mem[f"grad_checkpointing={ckpt}"] = run(preset="char-shakespeare", batch=16, steps=4, precision="fp32",
+        mem[f"grad_checkpointing={ckpt}"] = run(a.data, preset="char-shakespeare", batch=16, steps=4, precision="fp32",
                                                 ckpt=ckpt, model=big)
     res = {"tok_s": {k: round(max(v), 1) for k, v in speed.items()},
            "bf16_over_fp32": round(max(speed["bf16"]) / max(speed["fp32"]), 3), "memory": mem,
