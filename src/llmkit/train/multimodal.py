@@ -222,7 +222,7 @@ def _fit_and_save(model: nn.Module, task: Any, tok: Tokenizer, out: str, steps: 
     return res
 
 
-def train_clip(*, out: str, data: str = "digits", steps: int = 1500, groups: int = 4, lr: float = 2e-3,
+def train_clip(*, out: str, data: str = "digits", steps: int = 500, groups: int = 4, lr: float = 2e-3,
                d_model: int = 64, n_layer: int = 2, n_head: int = 4, d_embed: int = 64, patch_size: int = 2,
                eval_every: int = 500, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Train a CLIP-style image-text model (small ViT + text encoder, symmetric InfoNCE, learnable temperature).
@@ -246,7 +246,7 @@ def train_clip(*, out: str, data: str = "digits", steps: int = 1500, groups: int
         device: cpu or cuda.
 
     Examples:
-        llmkit multimodal train clip --out runs/clip --steps 1500
+        llmkit multimodal train clip --out runs/clip --steps 500
         llmkit multimodal search runs/clip --text "a picture of the number 7"
     """
     split = _data(data, seed)
@@ -265,7 +265,7 @@ def train_clip(*, out: str, data: str = "digits", steps: int = 1500, groups: int
                                                                       "held_out": HELD_OUT_TEMPLATES}})
 
 
-def train_caption(*, out: str, data: str = "digits", steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+def train_caption(*, out: str, data: str = "digits", steps: int = 500, batch_size: int = 64, lr: float = 2e-3,
                   d_model: int = 64, n_layer: int = 2, n_head: int = 4, patch_size: int = 2, beam: int = 1,
                   eval_every: int = 500, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Train an image captioner: a decoder that cross-attends to ViT patch embeddings and writes the caption.
@@ -288,7 +288,7 @@ def train_caption(*, out: str, data: str = "digits", steps: int = 1500, batch_si
         device: cpu or cuda.
 
     Examples:
-        llmkit multimodal train caption --out runs/caption --steps 1500
+        llmkit multimodal train caption --out runs/caption --steps 500
         llmkit multimodal caption runs/caption --image digit.png --beam 4
     """
     split = _data(data, seed)
