@@ -83,3 +83,15 @@ def test_bad_input_is_one_clear_error(tiny_ckpt, tmp_path, bpe_tokenizer):
     encoder = build_model(preset("bert-tiny", vocab_size=bpe_tokenizer.vocab_size))
     with pytest.raises(LlmkitError, match="cannot|causal"):
         harness.make_lm(encoder, bpe_tokenizer)
+
+
+def test_cli_evaluate_tasks_writes_eval_results(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from llmkit.cli import main
+
+    out = tmp_path / "eval_results.json"
+    main(["evaluate", str(tiny_ckpt), "--tasks", TASK, "--limit", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())["lm_eval"]["results"][TASK]
+    assert 0.0 <= res["acc,none"] <= 1.0 and "| task | metric |" in printed and TASK in printed

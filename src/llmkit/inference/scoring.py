@@ -38,8 +38,9 @@ def chunk_by_tokens(seqs: list[list[int]], max_tokens: int) -> list[list[int]]:
 
 
 def batch_token_budget(model: nn.Module) -> int:
-    """Padded tokens per scoring forward that keep its (B, T, V) float logits near 256 MB."""
-    return max(model.cfg.block_size, 2**26 // model.cfg.vocab_size)
+    """Padded tokens per scoring forward that keep its (B, T, V) float logits near 256 MB (a longer sequence
+    still gets a forward of its own)."""
+    return max(2**26 // model.cfg.vocab_size, 1)
 
 
 @torch.no_grad()
