@@ -31,7 +31,7 @@ browser-deps:
 	fi
 
 test: $(STAMP) browser-deps
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+	PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/llmkit bench
