@@ -194,7 +194,9 @@ def test_engine_chunks_and_batches_prefills(small_model):
     steps and several waiting prompts in one batch; the text still equals `generate_text`'s."""
     model, tok = small_model
     prompts = [PROMPTS[2], PROMPTS[5], PROMPTS[4], PROMPTS[1], PROMPTS[7]]
-    params = [SamplingParams(max_new_tokens=14, temperature=0) for _ in prompts]
+    # the first stream runs long (40 of the 48 context tokens), so it is still decoding when the others are
+    # admitted even on a fast idle machine; the others stop at 14
+    params = [SamplingParams(max_new_tokens=40 if i == 0 else 14, temperature=0) for i in range(len(prompts))]
     ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(prompts, params)]
     engine = Engine(model, tok, max_batch=4, prefill_chunk=4)
     col = Collector(engine)
@@ -203,7 +205,7 @@ def test_engine_chunks_and_batches_prefills(small_model):
     try:
         engine.submit(new_request(engine, tok.encode(prompts[0]), params[0], col.sink(0)))
         while engine.stats["steps"] < 2:  # a stream is decoding; the rest arrive together
-            time.sleep(0.01)
+            time.sleep(0.001)
         gate = threading.Event()
         engine.pending.put(lambda: gate.wait(10))  # hold the engine thread until all four are queued
         for i in range(1, len(prompts)):
