@@ -4,11 +4,14 @@ against --max_concurrent, and the OpenAPI spec documents the error answers the s
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import httpx
 import pytest
 
+from llmkit.inference.tools import prepare_messages
 from llmkit.serve.app import BackgroundServer, Limits, create_app
 
 KEY = "k"
@@ -71,3 +74,34 @@ def test_openapi_documents_the_real_errors(server):
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize"):
         codes = set(spec["paths"][path]["post"]["responses"])
         assert {"200", "400", "401", "404", "413", "429"} <= codes and "422" not in codes, path
+
+
+def test_spec_states_what_the_server_checks(server):
+    """The rules schemathesis found the spec silent on: each is in the spec and enforced as it says."""
+    spec = httpx.get(server.url + "/openapi.json", headers=AUTH).json()
+    srv = server.app.state.server
+    V = srv.model.cfg.vocab_size
+    schemas = spec["components"]["schemas"]
+    bias = next(a for a in schemas["ChatCompletionRequest"]["properties"]["logit_bias"]["anyOf"] if "patternProperties" in a)
+    pattern = next(iter(bias["patternProperties"]))
+    assert bias["additionalProperties"] is False
+    assert re.fullmatch(pattern, str(V - 1)) and not re.fullmatch(pattern, str(V)) and not re.fullmatch(pattern, "07")
+    assert schemas["ChatCompletionRequest"]["then"]["required"] == ["tools"]
+    model_id = spec["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]["schema"]
+    assert model_id["enum"] == [srv.name]
+
+    def chat(**kw):
+        return httpx.post(server.url + "/v1/chat/completions", headers=AUTH,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw})
+
+    for bad in ("07", str(V), "x"):
+        assert chat(logit_bias={bad: 1}).json()["error"]["param"].startswith("logit_bias")
+    assert chat(logit_bias={str(V - 1): 1}).status_code == 200
+    r = chat(max_tokens=10**6, max_completion_tokens=1)  # the unused one is still bounded
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert chat(tool_choice="auto").status_code == 400  # nothing to choose from
+    assert chat(tool_choice="none").status_code == 200
+    # a model's broken call sent back (arguments not JSON) is rendered as the text it is, as OpenAI accepts it
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
+    msgs, _ = prepare_messages(srv.tok, [{"role": "assistant", "content": "", "tool_calls": [call]}], None)
+    assert json.loads(msgs[0]["content"].split("\n")[1]) == {"name": "f", "arguments": "{not json"}

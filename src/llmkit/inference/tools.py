@@ -14,7 +14,6 @@ import json
 import re
 from typing import Any
 
-from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import template_supports_tools
 from llmkit.tokenizer import Tokenizer
 
@@ -28,14 +27,15 @@ _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
 def _args(call: dict[str, Any]) -> Any:
-    """The arguments of an earlier call as a mapping (they arrive as JSON text)."""
+    """The arguments of an earlier call as a mapping (they arrive as JSON text). Text that is not JSON (a
+    model's broken call sent back, as OpenAI's API allows) stays the string it is, rendered as one."""
     args = call["function"]["arguments"]
     if not isinstance(args, str):
         return args or {}
     try:
         return json.loads(args) if args.strip() else {}
     except json.JSONDecodeError:
-        raise LlmkitError(f"tool call {call.get('id', '')!r}: function.arguments is not JSON text") from None
+        return args
 
 
 def _call_text(call: dict[str, Any]) -> str:

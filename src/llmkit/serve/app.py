@@ -24,6 +24,7 @@ from llmkit.errors import LlmkitError
 from llmkit.models.load import load
 from llmkit.serve import chat, completions, embeddings, routes, tokenize
 from llmkit.serve.errors import install_error_handlers
+from llmkit.serve.schemas import LOGIT_BIAS_KEY, token_key_pattern
 from llmkit.serve.server import Guard, Limits, Server
 from llmkit.tokenizer import Tokenizer
 
@@ -72,10 +73,14 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
 
 
 def _bound(node: Any, vocab: int, max_tokens: int) -> None:
-    """Write this server's real limits into the spec: token ids < vocab, max_tokens <= the server's cap."""
+    """Write this server's real limits into the spec: token ids < vocab (logit_bias keys too), max_tokens <=
+    the server's cap."""
     if isinstance(node, dict):
         if node.pop("x-token-id", None):
             node["maximum"] = vocab - 1
+        keys = node.get("patternProperties")
+        if isinstance(keys, dict) and LOGIT_BIAS_KEY in keys:  # logit_bias: the served token ids only
+            keys[token_key_pattern(vocab)] = keys.pop(LOGIT_BIAS_KEY)
         for key in ("max_tokens", "max_completion_tokens"):
             prop = node.get("properties", {}).get(key) if isinstance(node.get("properties"), dict) else None
             for alt in (prop or {}).get("anyOf", [prop] if prop else []):
@@ -100,6 +105,11 @@ def _openapi(app: FastAPI) -> dict:
                 op.get("responses", {}).pop("422", None)
         srv = app.state.server
         _bound(spec, srv.model.cfg.vocab_size, srv.limits.max_tokens or srv.block_size)
+        for ops in spec.get("paths", {}).values():  # the one model id this server answers (others: 404)
+            for op in ops.values():
+                for param in op.get("parameters", []):
+                    if param.get("name") == "model_id":
+                        param["schema"] = {**param["schema"], "enum": [srv.name], "example": srv.name}
         app.openapi_schema = spec
     return app.openapi_schema
 

@@ -83,6 +83,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,  # noq
     except LlmkitError as e:
         raise APIError(400, str(e), param="messages") from None
     srv.prompt_ids(base, "messages")  # checks the ids against the vocabulary
+    srv.check_max_tokens(body.max_tokens)  # both are checked against the cap, whichever is used
+    srv.check_max_tokens(body.max_completion_tokens, "max_completion_tokens")
     budget = srv.check_lengths(base, body.max_completion_tokens or body.max_tokens, "messages")
     turn_end = chat_stop_strings(tok)
     stops = list(dict.fromkeys(turn_end + body.stop_list()))

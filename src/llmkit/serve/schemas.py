@@ -24,6 +24,18 @@ def Int(**bounds: Any) -> Any:  # noqa: N802 (used as a type)
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
+def token_key_pattern(vocab_size: int) -> str:
+    """Regex of the decimal token ids 0 .. vocab_size-1 (no leading zeros): logit_bias keys, exactly."""
+    hi = str(vocab_size - 1)
+    alts = ["[0-9]" if k == 1 else f"[1-9][0-9]{{{k - 1}}}" for k in range(1, len(hi))]
+    for i, c in enumerate(hi):  # same prefix, a smaller digit here, anything after
+        lo, rest = (1 if i == 0 and len(hi) > 1 else 0), len(hi) - i - 1
+        if int(c) > lo:
+            alts.append(hi[:i] + f"[{lo}-{int(c) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "^(?:" + "|".join([*alts, hi]) + ")$"
+
+
+LOGIT_BIAS_KEY = r"^[0-9]{1,9}$"  # app._openapi narrows it to the served vocabulary (token_key_pattern)
 # a token id; app._openapi writes the served vocabulary's bound into the spec as its maximum
 TokenId = Annotated[int, Field(ge=0, json_schema_extra={"x-token-id": True}), BeforeValidator(_integral)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -83,8 +95,9 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="llmkit extension: CTRL penalty (> 1 discourages repeats)")
     n: Int(ge=1, le=16) = Field(1, description="choices per prompt")
     stop: Stop = Field(None, description=f"up to {MAX_STOPS} stop strings of at most {MAX_STOP_LEN} characters")
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
-                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=LOGIT_BIAS_KEY)],
+                               Annotated[float, Field(ge=-100, le=100)]],
+                          Field(json_schema_extra={"additionalProperties": False})] | None = Field(
         None, description="token id (as a string) -> bias added to its logit; -100 bans, 100 forces")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens already generated")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per earlier occurrence")
@@ -180,9 +193,17 @@ class ChatMessage(_Body):
         return m
 
 
+# a tool_choice other than "none" needs tools to choose from (that a named one is among them, JSON Schema
+# cannot state: a 400 naming tool_choice)
+_NEEDS_TOOLS = {"if": {"properties": {"tool_choice": {"anyOf": [{"enum": ["auto", "required"]}, {"type": "object"}]}},
+                       "required": ["tool_choice"]},
+                "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]}}
+
+
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra=_NEEDS_TOOLS)
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False

@@ -24,7 +24,7 @@ from llmkit.inference.scoring import Scored, batch_token_budget, chunk_by_tokens
 from llmkit.serve.engine import Engine, GenRequest, TokenEvent, new_request
 from llmkit.serve.errors import APIError, crash_response
 from llmkit.serve.metrics import Metrics
-from llmkit.serve.schemas import ChatCompletionRequest, CompletionRequest
+from llmkit.serve.schemas import ChatCompletionRequest, CompletionRequest, token_key_pattern
 from llmkit.tokenizer import Tokenizer
 
 
@@ -134,6 +134,7 @@ class Server:
         self.model, self.tok, self.name, self.limits = model, tokenizer, model_name, limits
         self.block_size = min(model.cfg.block_size, max_context or model.cfg.block_size)
         self.metrics = Metrics()
+        self._token_key = re.compile(token_key_pattern(model.cfg.vocab_size))
         self.created = int(time.time())
         self.engine: Engine | None = None
         if model.cfg.arch == "decoder":
@@ -203,10 +204,14 @@ class Server:
             if len(ids) > limit:
                 raise APIError(400, f"This model's maximum prompt length is {limit} tokens, but the {param} has "
                                     f"{len(ids)} tokens; shorten it", param=param, code="context_length_exceeded")
+        return self.check_max_tokens(max_tokens)
+
+    def check_max_tokens(self, max_tokens: int | None, param: str = "max_tokens") -> int:
+        """400 when max_tokens is over the server's cap (the spec's maximum); the token budget otherwise."""
         cap = self.limits.max_tokens or self.block_size
         if max_tokens is not None and max_tokens > cap:
-            raise APIError(400, f"max_tokens is {max_tokens} but this server allows at most {cap}; ask for fewer",
-                           param="max_tokens", code="max_tokens_exceeded")
+            raise APIError(400, f"{param} is {max_tokens} but this server allows at most {cap}; ask for fewer",
+                           param=param, code="max_tokens_exceeded")
         return max_tokens if max_tokens is not None else cap
 
     def require_engine(self) -> Engine:
@@ -225,7 +230,7 @@ class Server:
                            param=field, code="unsupported_field")
         V = self.model.cfg.vocab_size
         for key in body.logit_bias or {}:
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < V:
+            if not self._token_key.fullmatch(key):  # the spec's pattern: a decimal id in [0, V), no leading 0
                 raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {V})", param="logit_bias")
 
     async def constraints(self, body: CompletionRequest | ChatCompletionRequest, n: int,
