@@ -34,18 +34,21 @@ def digits_split(test_frac: float = 0.2, seed: int = 0) -> dict[str, tuple[torch
             "test": (images[sorted(test)], labels[sorted(test)])}
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """One PNG/JPEG as a (1, size, size) grayscale tensor in [0, 1], bright ink on dark ground."""
+def load_image(path: str | Path, size: int, channels: int = 1) -> torch.Tensor:
+    """One PNG/JPEG as a (1, size, size) grayscale tensor in [0, 1], bright ink on dark ground, or with
+    channels=3 as a (3, size, size) RGB tensor in [0, 1] as it is (colour images are not inverted)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            gray = im.convert("L").resize((size, size), Image.Resampling.BOX)  # area average
+            gray = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BOX)  # area average
     except FileNotFoundError as e:
         raise LlmkitError(f"image {path} does not exist") from e
     except UnidentifiedImageError as e:
         raise LlmkitError(f"{path} is not an image Pillow can read (PNG or JPEG)") from e
     x = torch.tensor(np.asarray(gray, dtype=np.float32) / 255.0)
+    if channels == 3:
+        return x.permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
     if float(x.mean()) > 0.5:  # dark ink on light paper: invert to the digits' convention
         x = 1.0 - x
     return x[None]

@@ -11,46 +11,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.explain.image_attention import explain_image_attention
+from llmkit.explain.probs import attention_probs, token_labels
 from llmkit.io import atomic_write_bytes
 from llmkit.models.load import load
-from llmkit.models.transformer import Attention, Transformer, rotate_half
-
-
-def _probs(attn: Attention, qkv: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-           rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities (B, nh, T, T) and values (B, nh, T, hd) from a fused qkv output (B, T, ...)."""
-    B, T, _ = qkv.shape
-    nh, nkv, hd = attn.nh, attn.nkv, attn.hd
-    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-    q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
-    if attn.q_norm is not None:  # Qwen3/Gemma3 qk-norm, before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q = q.transpose(1, 2)  # (B, nh, T, hd)
-    k = k.transpose(1, 2)  # (B, nkv, T, hd)
-    v = v.view(B, T, nkv, hd).transpose(1, 2)
-    if rope is not None:
-        cos, sin = rope  # (B, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-    if nkv != nh:  # grouped-query attention: each KV head serves nh/nkv query heads
-        k = k.repeat_interleave(nh // nkv, dim=1)
-        v = v.repeat_interleave(nh // nkv, dim=1)
-    scale = attn.scale if attn.scale is not None else 1.0 / math.sqrt(hd)  # Gemma: query_pre_attn_scalar^-1/2
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, T)
-    if attn.softcap is not None:  # Gemma2: c * tanh(scores / c)
-        scores = torch.tanh(scores / attn.softcap) * attn.softcap
-    if mask is not None:  # bool, True = may attend
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif is_causal:
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
-    return scores.softmax(-1), v
+from llmkit.models.transformer import Transformer
+from llmkit.models.vision import CLIP, ImageCaptioner
 
 
 @torch.no_grad()
@@ -89,19 +61,10 @@ def attention_maps(model: nn.Module, idx: torch.Tensor, attention_mask: torch.Te
     probs, values = [], []
     for i, block in enumerate(model.blocks):
         c = captured[i]
-        p, v = _probs(block.attn, c["qkv"], c["mask"], c["is_causal"], c["rope"])
+        p, v = attention_probs(block.attn, c["qkv"], c["mask"], c["is_causal"], c["rope"])
         probs.append(p)
         values.append(v)
     return (probs, values) if return_values else probs
-
-
-def token_labels(tokenizer, ids: list[int]) -> list[str]:
-    """Readable label per token: its own decoded text, spaces shown as '␣', empty pieces as their id."""
-    labels = []
-    for i in ids:
-        s = tokenizer.decode([i], skip_special_tokens=False).replace(" ", "␣").replace("\n", "⏎")
-        labels.append(s if s else f"#{i}")
-    return labels
 
 
 def _heatmap_png(prob: torch.Tensor, labels: list[str], title: str, size: float = 6.0) -> bytes:
@@ -175,28 +138,44 @@ def encode_for(model: nn.Module, tokenizer, text: str) -> list[int]:
     return ids
 
 
-def explain_attention(checkpoint: str, *, text: str, layer: int = 0, head: int = 0, out: str = "attention",
-                      device: str = "cpu") -> dict[str, str]:
-    """Draw a layer/head's attention over a text as a heatmap PNG, and every head on one HTML page.
+def explain_attention(checkpoint: str, *, text: str | None = None, image: str | None = None, layer: int = 0,
+                      head: int = 0, out: str = "attention", device: str = "cpu") -> dict[str, str]:
+    """Draw a layer/head's attention over a text as a heatmap PNG (and every head on one HTML page), or, for
+    an image-text checkpoint, the attention over an image's patches drawn on the image.
 
     Args:
-        checkpoint: decoder or encoder checkpoint folder (with tokenizer.json).
+        checkpoint: decoder or encoder checkpoint folder (with tokenizer.json), or a `multimodal train clip`
+            / `multimodal train caption` checkpoint (then give --image).
         text: the text whose attention to show (at most the model's context length in tokens).
-        layer: layer index, 0-based.
-        head: head index within the layer, 0-based.
-        out: output folder; gets attention_L{layer}_H{head}.png and attention.html.
+        image: image checkpoints: a PNG/JPEG file, or digits:N (the N-th held-out digit). CLIP: the image
+            encoder's [CLS] -> patch attention of every layer; captioner: the cross-attention of the chosen
+            layer while it writes each word of its greedy caption.
+        layer: layer index, 0-based (negative counts from the last).
+        head: head index within the layer, 0-based; -1 = mean over heads (image checkpoints).
+        out: output folder; gets attention_L{layer}_H{head}.png and attention.html (text), or
+            attention_image_L{layer}_H{head}.png (image).
         device: cpu or cuda.
 
     Examples:
         llmkit explain attention runs/demo --text "In the beginning God created the heavens" --layer 1 --head 2
         llmkit explain attention runs/demo --text "And God said" --out runs/attn
+        llmkit explain attention runs/caption --image digits:0 --layer -1 --head -1 --out runs/attn
+        llmkit explain attention runs/clip --image digit.png --head -1
     """
     model, tok = load(checkpoint, device)
     if tok is None:
         raise LlmkitError(f"{checkpoint} has no tokenizer.json; it cannot turn text into tokens")
+    if isinstance(model, (CLIP, ImageCaptioner)):
+        if image is None or text is not None:
+            raise LlmkitError(f"{checkpoint} is an image-text checkpoint: give --image (a PNG/JPEG or digits:N), "
+                              "not --text")
+        return explain_image_attention(model, tok, image, layer, head, out, str(checkpoint))
+    if image is not None or text is None:
+        raise LlmkitError("give --text for a text checkpoint (--image is for multimodal checkpoints)")
     n_layer, n_head = len(getattr(model, "blocks", [])), model.cfg.n_head
-    if not 0 <= layer < n_layer:
+    if not -n_layer <= layer < n_layer:
         raise LlmkitError(f"layer {layer} does not exist: the model has {n_layer} layers (0..{n_layer - 1})")
+    layer %= n_layer
     if not 0 <= head < n_head:
         raise LlmkitError(f"head {head} does not exist: the model has {n_head} heads per layer (0..{n_head - 1})")
     ids = encode_for(model, tok, text)

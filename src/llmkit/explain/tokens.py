@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
-from llmkit.explain.attention import token_labels
+from llmkit.explain.probs import token_labels
 from llmkit.io import atomic_write_text
 from llmkit.models.load import load
 
