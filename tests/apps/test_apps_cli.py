@@ -49,14 +49,28 @@ def test_qa_scores_match_written_predictions(tiny_ckpt, tmp_path, capsys):
 
 
 def test_extract_constrained_always_gives_the_fields(tiny_ckpt, tmp_path):
-    from llmkit.apps.extract import extract
+    import jsonschema
+
+    from llmkit.apps.common import complete
+    from llmkit.apps.extract import extract, extraction_schema, record_bytes
+    from llmkit.models.load import load
 
     res = extract(str(tiny_ckpt), fields=["person", "place"], text=["Moses went up to Sinai.", "Ruth stayed."],
                   max_new_tokens=3)
     assert res["scores"]["valid_json"] == 100.0
     for p in res["predictions"]:  # a random model still yields exactly the requested keys
         assert set(p) == {"person", "place"} and all(v is None or isinstance(v, str) for v in p.values())
-        json.loads(json.dumps(p))
+    # the raw outputs under the schema's grammar, sampled hot from a random model (which would write anything
+    # unconstrained), long prompts cut to leave the record's room: every one parses and validates
+    model, tok = load(tiny_ckpt)
+    fields = ["person", "place", 'na"me']
+    schema = extraction_schema(fields, 4)
+    prompts = ["Moses went up to Sinai.", "摩西上了西奈山。 " * 40, 'He said "no".']
+    for seed in range(3):
+        outs = complete(model, tok, prompts, record_bytes(fields, 4) + 1, temperature=1.5, seed=seed,
+                        json_schema=schema)
+        for o in outs:
+            jsonschema.validate(json.loads(o), schema)
 
 
 def test_extract_validate_retries_until_valid(tiny_ckpt, monkeypatch):

@@ -19,6 +19,7 @@ from llmkit.apps.examples import NAMED_EXAMPLES, named_examples
 from llmkit.data.jsonl import iter_jsonl
 from llmkit.errors import LlmkitError
 from llmkit.inference.chat_template import chat_stop_strings, render_chat
+from llmkit.inference.constrained import json_constraint
 from llmkit.inference.generate import generate_text
 from llmkit.inference.sampling import SamplingParams
 from llmkit.io import atomic_write_lines
@@ -78,24 +79,42 @@ def build_prompt(tok: Tokenizer, instruction: str, chat: bool, system: str | Non
     return instruction.rstrip() + "\n" + answer_prefix
 
 
+def _keep_end(tok: Tokenizer, prompt: str, room: int) -> str:
+    """The prompt, or its end that encodes to at most `room` tokens (decode + encode may re-merge tokens)."""
+    ids = tok.encode(prompt)
+    keep = room
+    while len(ids) > room:
+        text = tok.decode(ids[-keep:], skip_special_tokens=False)
+        if len(tok.encode(text)) <= room:
+            return text
+        keep -= 1
+    return prompt
+
+
 def complete(model: nn.Module, tok: Tokenizer, prompts: list[str], max_new_tokens: int = 64,
              stop: list[str] | None = None, batch_size: int = 8, temperature: float = 0.0,
-             seed: int | None = 0) -> list[str]:
-    """Continue each prompt (greedy by default), batched; prompts that overflow the context keep their end."""
+             seed: int | None = 0, json_schema: dict[str, Any] | None = None) -> list[str]:
+    """Continue each prompt (greedy by default), batched; prompts that overflow the context keep their end.
+
+    json_schema: constrained decoding (inference/constrained.py): each output is JSON matching the schema,
+    provided max_new_tokens covers the longest document; the prompt keeps all of that room and no stop
+    string can cut the document short (it ends with the grammar)."""
     stops = list(stop or [])
-    if tok.chat_template is not None:
+    if tok.chat_template is not None and json_schema is None:
         stops += chat_stop_strings(tok)
     block = model.cfg.block_size
+    if json_schema is not None and max_new_tokens >= block:
+        raise LlmkitError(f"the JSON output needs up to {max_new_tokens} tokens but the model's context is {block}; "
+                          "ask for shorter values or fewer fields")
+    room = block - (max_new_tokens if json_schema is not None else min(max_new_tokens, block // 2))
     outs: list[str] = []
     for j in range(0, len(prompts), batch_size):
-        batch = []
-        for p in prompts[j:j + batch_size]:
-            ids = tok.encode(p)
-            room = block - min(max_new_tokens, block // 2)
-            batch.append(tok.decode(ids[-room:], skip_special_tokens=False) if len(ids) > room else p)
+        batch = [_keep_end(tok, p, room) for p in prompts[j:j + batch_size]]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 stop=list(dict.fromkeys(stops)), seed=seed)
-        outs += [c.text.strip() for c in generate_text(model, tok, batch, params)]
+        cons = None if json_schema is None else [json_constraint(tok, json_schema, model.cfg.vocab_size)
+                                                 for _ in batch]
+        outs += [c.text.strip() for c in generate_text(model, tok, batch, params, constraints=cons)]
     return outs
 
 

@@ -1,5 +1,6 @@
-"""`llmkit app extract`: structured JSON fields from text, by constrained decoding (the JSON skeleton is
-forced, the model fills each value) or by free generation + JSON validation + retry; scored by per-field F1.
+"""`llmkit app extract`: structured JSON fields from text, by constrained decoding to a JSON schema of the
+record (llguidance, inference/constrained.py; always valid) or by free generation + JSON validation + retry;
+scored by per-field F1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llmkit.apps.common import (
     use_chat,
 )
 from llmkit.errors import LlmkitError
+from llmkit.inference.constrained import validate_json
 
 PROMPT = ("Extract these fields from the text: {fields}. Reply with one JSON object with exactly these keys; "
           "use null for a field the text does not mention.\n\nText: {text}")
@@ -71,18 +73,31 @@ def field_scores(predictions: list[dict[str, Any]], golds: list[dict[str, Any]],
     return out
 
 
-def _constrained(model: Any, tok: Any, prompts: list[str], fields: list[str], max_new_tokens: int,
+def extraction_schema(fields: list[str], max_chars: int) -> dict[str, Any]:
+    """JSON schema of one record: every field, nothing else; each value a string of at most `max_chars`
+    characters (no quote, backslash or control character, so no escapes) or null."""
+    value = {"anyOf": [{"type": "string", "pattern": r'^[^"\\\x00-\x1f]{0,' + str(max_chars) + '}$'},
+                       {"type": "null"}]}
+    return {"type": "object", "properties": {f: value for f in fields}, "required": list(fields),
+            "additionalProperties": False}
+
+
+def record_bytes(fields: list[str], max_chars: int) -> int:
+    """UTF-8 bytes of the longest record `extraction_schema` allows (compact separators, 4 bytes a character):
+    a token is at least one byte, so this many tokens always finish the document."""
+    keys = sum(len(json.dumps(f, ensure_ascii=False).encode()) + 2 for f in fields)  # "key": and a space
+    return 2 + keys + 2 * (len(fields) - 1) + len(fields) * max(4, 2 + 4 * max_chars)
+
+
+def _constrained(model: Any, tok: Any, prompts: list[str], fields: list[str], max_chars: int,
                  batch_size: int) -> list[dict[str, str | None]]:
-    """Force `{"f1": "` ... `", "f2": "` ...: the model writes only the values (each stops at a quote)."""
-    values: list[dict[str, str | None]] = [{} for _ in prompts]
-    prefixes = [p + '{"' + fields[0] + '": "' for p in prompts]
-    for k, f in enumerate(fields):
-        outs = complete(model, tok, prefixes, max_new_tokens, stop=['"', "\n"], batch_size=batch_size)
-        for i, o in enumerate(outs):
-            values[i][f] = _value(o)
-            if k + 1 < len(fields):
-                prefixes[i] += o.replace('"', "") + '", "' + fields[k + 1] + '": "'
-    return values
+    """Constrained decoding to `extraction_schema` (llguidance, inference/constrained.py): the model writes the
+    whole record under a grammar, so every output parses and validates (checked with jsonschema)."""
+    schema = extraction_schema(fields, max_chars)
+    outs = complete(model, tok, prompts, record_bytes(fields, max_chars) + 1, batch_size=batch_size,
+                    json_schema=schema)
+    records = [validate_json(o, schema) for o in outs]
+    return [{f: _value(r[f]) for f in fields} for r in records]
 
 
 def _validated(model: Any, tok: Any, prompts: list[str], fields: list[str], max_new_tokens: int, batch_size: int,
@@ -119,9 +134,10 @@ def extract(checkpoint: str, *, fields: str | list[str] | None = None, text: str
         data: JSONL with {"text": ..., "fields": {name: value or null}} per line.
         out: write {"text", "prediction", "fields"} per line to this JSONL file.
         limit: use only the first N examples of DATA.
-        mode: constrained (force the JSON skeleton, always valid) or validate (free JSON, parsed, retried).
+        mode: constrained (decoding constrained to the record's JSON schema: always valid) or validate (free
+            JSON, parsed, retried).
         retries: validate mode: regenerations (sampled) for outputs that are not valid JSON with every field.
-        max_new_tokens: longest value per field in tokens.
+        max_new_tokens: longest value per field: characters in constrained mode, tokens in validate mode.
         batch_size: texts generated together.
         chat: wrap the prompt in the tokenizer's chat template (auto: when it has one).
 

@@ -63,7 +63,8 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
     if getattr(model.cfg, "arch", "") == "lstm" and len({len(p) for p in prompts}) > 1:
         # an LSTM state cannot skip padding tokens: run ragged prompts one by one, in lockstep
         streams = [generate_ids(model, [p], params, eos_id, pad_id, use_cache,
-                                None if should_stop is None else (lambda _r, ids, i=i: should_stop(i, ids)))
+                                None if should_stop is None else (lambda _r, ids, i=i: should_stop(i, ids)),
+                                None if constraints is None else [constraints[i]])
                    for i, p in enumerate(prompts)]
         done = [False] * B
         while not all(done):
