@@ -105,3 +105,53 @@ def test_spec_states_what_the_server_checks(server):
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
     msgs, _ = prepare_messages(srv.tok, [{"role": "assistant", "content": "", "tool_calls": [call]}], None)
     assert json.loads(msgs[0]["content"].split("\n")[1]) == {"name": "f", "arguments": "{not json"}
+
+
+def _fail_after(monkeypatch, engine, good_steps: int) -> None:
+    """The engine's decode step raises after `good_steps` steps (a bug hit mid-generation)."""
+    real, calls = type(engine)._step.__get__(engine), [0]
+
+    def step():
+        calls[0] += 1
+        if calls[0] > good_steps:
+            raise RuntimeError("secret detail")
+        real()
+
+    monkeypatch.setattr(engine, "_step", step)
+
+
+def test_error_after_the_stream_started_is_an_error_event(server, caplog, monkeypatch):
+    """200 and chunks are out when the engine fails: the client gets `data: {"error": {..., request_id}}` then
+    [DONE] (the official client raises it), and the log has the traceback under that request id."""
+    import openai
+
+    srv = server.app.state.server
+    eos = {str(srv.tok.eos_id): -100} if srv.tok.eos_id is not None else {}
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    _fail_after(monkeypatch, srv.engine, 3)
+    got = []
+    with caplog.at_level(logging.INFO, logger="llmkit.serve"), pytest.raises(openai.APIError) as err:
+        for chunk in client.completions.create(model=srv.name, prompt="In the beginning", max_tokens=20,
+                                               temperature=0, stream=True, extra_body={"logit_bias": eos}):
+            got.append(chunk.choices[0].text)
+    assert got and "".join(got)  # text was streamed before the failure
+    body = err.value.body
+    rid = body["request_id"]
+    assert body["type"] == "server_error" and rid in body["message"]
+    assert "Traceback" not in str(body) and "secret detail" not in str(body)
+    rec = [x for x in caplog.records if rid in x.getMessage() and x.exc_info]  # the engine's own traceback
+    assert rec and rec[0].exc_info[0] is RuntimeError and str(rec[0].exc_info[1]) == "secret detail"
+
+    _fail_after(monkeypatch, srv.engine, 2)  # chat, read raw: chunks, the error event, [DONE], in that order
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True,
+                            "logit_bias": eos}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "choices" in json.loads(events[0])
+    err = json.loads(events[-2])["error"]
+    assert err["request_id"] == r.headers["x-request-id"] and err["type"] == "server_error"
+    assert "secret detail" not in "".join(events)
+    monkeypatch.undo()
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                      headers=AUTH).status_code == 200  # the server goes on

@@ -134,7 +134,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,  # noq
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(
-            first, events, choice_of=choice_of,
+            request, first, events, choice_of=choice_of,
             envelope=lambda choices: {"id": rid, "object": "chat.completion.chunk", "created": created,
                                       "model": srv.name, "system_fingerprint": None, "choices": choices},
             usage_of=(lambda gen: usage(prompts, body.n, gen)) if include_usage else None,

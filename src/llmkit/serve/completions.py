@@ -124,7 +124,7 @@ async def completions(body: CompletionRequest, request: Request,  # noqa: ANN201
             return choice
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(first, events, choice_of=choice_of,
+        return sse_response(request, first, events, choice_of=choice_of,
                             envelope=lambda choices: {"id": rid, "object": "text_completion", "created": created,
                                                       "model": srv.name, "choices": choices},
                             usage_of=(lambda gen: usage(prompts, body.n, gen)) if include_usage else None)

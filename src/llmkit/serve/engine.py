@@ -51,6 +51,7 @@ class TokenEvent:
     n_generated: int = 0  # tokens sampled so far (for usage)
     error: str | None = None
     internal: bool = False  # the error is a bug (HTTP 500), not a bad request (400)
+    exc: BaseException | None = None  # a bug's exception, traceback included, for the log under the request id
 
 
 @dataclass
@@ -234,10 +235,11 @@ class Engine:
             internal = not isinstance(e, LlmkitError)
             if internal:
                 log.error("prefill failed", exc_info=e)
-            msg = f"internal error: {type(e).__name__}: {e}" if internal else str(e)
+            msg = f"internal error: {type(e).__name__}" if internal else str(e)  # details: the log only
             for req in job.reqs:
                 self._release(req)
-                req.sink(TokenEvent(req.index, "", [], [], "error", error=msg, internal=internal))
+                req.sink(TokenEvent(req.index, "", [], [], "error", error=msg, internal=internal,
+                                    exc=e if internal else None))
 
     def _start_prefill(self) -> None:
         """Take waiting requests for the free slots (lowest first) into one left-padded prefill batch."""
@@ -323,8 +325,8 @@ class Engine:
         for r in self.slots:
             if r is not None:
                 self._release(r)
-                r.sink(TokenEvent(r.index, "", [], [], "error", error=f"internal error: {type(e).__name__}: {e}",
-                                  internal=True))
+                r.sink(TokenEvent(r.index, "", [], [], "error", error=f"internal error: {type(e).__name__}",
+                                  internal=True, exc=e))
         self.cache.valid.zero_()
         self.cache.pos = 0
 

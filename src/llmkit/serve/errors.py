@@ -73,6 +73,21 @@ def crash_response(rid: str, method: str, path: str, e: BaseException) -> JSONRe
                          "traceback)", "server_error").response()
 
 
+def stream_error(rid: str, method: str, path: str, e: Exception) -> dict:
+    """The error event of a stream that already answered 200 (OpenAI's and vLLM's `data: {"error": ...}`):
+    logged like any other error (the traceback under the request id for a server error), the request id in
+    the event, no traceback in it."""
+    if isinstance(e, APIError) and e.status < 500:
+        log.info("request %s: %s %s -> %d mid-stream: %s", rid, method, path, e.status, e.message)
+        err = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
+    else:
+        log.error("request %s: %s %s failed mid-stream", rid, method, path, exc_info=e.__cause__ or e)
+        what = e.message if isinstance(e, APIError) else f"internal error: {type(e).__name__}"
+        err = {"message": f"{what} (request id {rid}; the server log has the details)", "type": "server_error",
+               "param": None, "code": e.code if isinstance(e, APIError) else "internal_error"}
+    return {"error": {**err, "request_id": rid}}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error as an OpenAI error object (crashes: serve.server.Guard, via `crash_response`)."""
     app.add_exception_handler(APIError, _api_error)

@@ -326,11 +326,16 @@ class Server:
                         self.metrics.count_tokens(generated=len(ev.token_ids))
                         if ev.finish_reason is not None:
                             open_.discard(ev.index)
-                            if ev.finish_reason == "error":
-                                if ev.internal:
-                                    raise APIError(500, ev.error or "generation failed", "server_error")
-                                raise APIError(400, ev.error or "generation failed")
-                    yield batch
+                    failed = next((ev for ev in batch if ev.finish_reason == "error"), None)
+                    if failed is None:
+                        yield batch
+                        continue
+                    good = [ev for ev in batch if ev.finish_reason != "error"]
+                    if good:  # what came before the error still goes out (a stream then ends in the error)
+                        yield good
+                    if failed.internal:  # the engine's exception as the cause: its traceback is logged
+                        raise APIError(500, failed.error or "generation failed", "server_error") from failed.exc
+                    raise APIError(400, failed.error or "generation failed")
             finally:
                 for i in open_:  # client went away or an error: free the slots at the next token boundary
                     Engine.cancel(reqs[i])

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from llmkit.serve.engine import TokenEvent
-from llmkit.serve.errors import APIError
+from llmkit.serve.errors import APIError, request_id, stream_error
 
 
 def sse(obj: Any) -> str:
@@ -20,14 +20,16 @@ def sse(obj: Any) -> str:
 
 
 
-def sse_response(first: list[TokenEvent] | None, events: AsyncIterator[list[TokenEvent]], *,
+def sse_response(request: Request, first: list[TokenEvent] | None, events: AsyncIterator[list[TokenEvent]], *,
                  envelope: Callable[[list[dict[str, Any]]], dict[str, Any]],
                  choice_of: Callable[[TokenEvent], dict[str, Any] | list[dict[str, Any]] | None],
                  usage_of: Callable[[dict[int, int]], dict[str, int]] | None,
                  prelude: Iterable[dict[str, Any]] = ()) -> StreamingResponse:
     """Stream engine events as OpenAI chunks: `prelude` choices first, then one chunk per event that
-    `choice_of` turns into a choice (or several, one chunk each; None = nothing to send), all events of a decode step in one write, a
-    usage chunk when `usage_of` is given (stream_options.include_usage), and `data: [DONE]`."""
+    `choice_of` turns into a choice (or several, one chunk each; None = nothing to send), all events of a
+    decode step in one write, a usage chunk when `usage_of` is given (stream_options.include_usage), and
+    `data: [DONE]`. An error once the 200 is out becomes an error event (`data: {"error": {..., "request_id"}}`,
+    logged under the request id) before `[DONE]`: the client learns the answer is cut short, and why."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         obj = envelope(choices)
@@ -36,20 +38,23 @@ def sse_response(first: list[TokenEvent] | None, events: AsyncIterator[list[Toke
         return sse(obj)
 
     async def gen() -> AsyncIterator[str]:
-        for c in prelude:
-            yield chunk([c])
-        generated: dict[int, int] = {}
-        async for batch in chain(first, events):
-            out = []
-            for ev in batch:
-                generated[ev.index] = ev.n_generated
-                choice = choice_of(ev)
-                for c in [choice] if isinstance(choice, dict) else choice or []:
-                    out.append(chunk([c]))
-            if out:
-                yield "".join(out)
-        if usage_of is not None:
-            yield chunk([], usage_of(generated))
+        try:
+            for c in prelude:
+                yield chunk([c])
+            generated: dict[int, int] = {}
+            async for batch in chain(first, events):
+                out = []
+                for ev in batch:
+                    generated[ev.index] = ev.n_generated
+                    choice = choice_of(ev)
+                    for c in [choice] if isinstance(choice, dict) else choice or []:
+                        out.append(chunk([c]))
+                if out:
+                    yield "".join(out)
+            if usage_of is not None:
+                yield chunk([], usage_of(generated))
+        except Exception as e:  # not a disconnect (CancelledError/GeneratorExit are BaseExceptions)
+            yield sse(stream_error(request_id(request), request.method, request.url.path, e))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(gen(), media_type="text/event-stream")
