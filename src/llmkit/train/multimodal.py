@@ -1,8 +1,10 @@
-"""`llmkit multimodal train clip|caption`, `llmkit multimodal search|caption`: image-text models on digits.
+"""`llmkit multimodal train clip|caption`, `llmkit multimodal search|caption`: image-text models on digits and shapes.
 
 The images are scikit-learn's 1,797 handwritten digits (8x8, offline), split 80/20 by a seed. CLIP learns
 from captions written with TRAIN_TEMPLATES and is scored zero-shot with HELD_OUT_TEMPLATES, whose wording it
-never saw; the captioner writes CAPTION_TEMPLATES captions and is scored on held-out images.
+never saw; the captioner writes CAPTION_TEMPLATES captions and is scored on held-out images. The captioner also learns
+compositional captions of rendered shape scenes (`data/shapes.py`), scored on new scenes and on scenes with
+colour-shape combinations it never saw.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from llmkit.data.batching import pad_batch
 from llmkit.data.images import digits_split, image_files, load_image
+from llmkit.data.shapes import shapes_split
 from llmkit.errors import LlmkitError
 from llmkit.inference.beam import beam_search, greedy_decode
 from llmkit.models.checkpoint import save_checkpoint
@@ -50,9 +53,11 @@ def digit_in(text: str) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _data(data: str, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if data != "digits":
-        raise LlmkitError(f"unknown image data {data!r}; llmkit ships `digits` (scikit-learn's handwritten digits)")
+def _data(data: str, seed: int, allowed: tuple[str, ...] = ("digits",)) -> dict[str, tuple[torch.Tensor, Any]]:
+    if data not in allowed:
+        raise LlmkitError(f"unknown image data {data!r}; choose {' or '.join(allowed)}")
+    if data == "shapes":  # rendered two-shape scenes; "novel" holds out colour-shape combinations
+        return shapes_split(seed=seed)
     return digits_split(0.2, seed)
 
 
@@ -141,20 +146,25 @@ def evaluate_clip(model: CLIP, tok: Tokenizer, images: torch.Tensor, labels: tor
 
 
 class CaptionTask:
-    """Random training images with a caption from CAPTION_TEMPLATES; teacher-forced next-token loss."""
+    """Random training images, each with one of its reference captions; teacher-forced next-token loss.
 
-    def __init__(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]], tok: Tokenizer, batch_size: int,
+    data: {"train": (images, refs), <eval split>: (images, refs), ...}, refs a list of reference captions per
+    image; every split but "train" is captioned at validation (metrics prefixed by the split's name unless
+    it is "test"). digits: digit labels -> CAPTION_TEMPLATES references (and digit accuracy).
+    """
+
+    def __init__(self, data: dict[str, tuple[torch.Tensor, Any]], tok: Tokenizer, batch_size: int,
                  seed: int, device: str, beam: int = 1):
-        self.images, self.labels = data["train"]
-        self.test = data["test"]
+        self.images, self.refs = data["train"][0], _references(data["train"][1])
+        self.evals = {k: v for k, v in data.items() if k != "train"}
         self.tok, self.batch, self.seed, self.device, self.beam = tok, batch_size, seed, device, beam
         self.bos, self.eos = tok.bos_id, tok.eos_id
         self.gen = torch.Generator().manual_seed(seed)
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(self.images), (self.batch,), generator=self.gen)
-        tmpl = torch.randint(len(CAPTION_TEMPLATES), (self.batch,), generator=self.gen).tolist()
-        ids = [self.tok.encode(fill(CAPTION_TEMPLATES[t], int(self.labels[i]))) for t, i in zip(tmpl, idx.tolist())]
+        pick = torch.randint(1 << 30, (self.batch,), generator=self.gen).tolist()
+        ids = [self.tok.encode(self.refs[i][p % len(self.refs[i])]) for p, i in zip(pick, idx.tolist())]
         b = pad_batch([[self.bos, *s] for s in ids], self.tok.pad_id, [[*s, self.eos] for s in ids])
         return {k: v.to(self.device) for k, v in
                 {"px": self.images[idx], "tgt_in": b["input_ids"], "tgt_out": b["labels"]}.items()}
@@ -163,7 +173,11 @@ class CaptionTask:
         return model.loss(batch["px"], batch["tgt_in"], batch["tgt_out"])
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_captions(model, self.tok, *self.test, self.device, self.beam)[0]
+        out = {}
+        for name, (images, labels) in self.evals.items():
+            scores = evaluate_captions(model, self.tok, images, labels, self.device, self.beam)[0]
+            out.update({(k if name == "test" else f"{name}_{k}"): v for k, v in scores.items()})
+        return out
 
     def n_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["tgt_out"] != -100).sum())
@@ -173,6 +187,13 @@ class CaptionTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
+
+
+def _references(labels: torch.Tensor | list[str]) -> list[list[str]]:
+    """Reference captions per image: CAPTION_TEMPLATES filled with the digit, or the scene's one caption."""
+    if isinstance(labels, torch.Tensor):
+        return [[fill(t, y) for t in CAPTION_TEMPLATES] for y in labels.tolist()]
+    return [[c] for c in labels]
 
 
 @torch.no_grad()
@@ -188,15 +209,16 @@ def write_captions(model: ImageCaptioner, tok: Tokenizer, images: torch.Tensor, 
     return [tok.decode(i).strip() for i in ids]
 
 
-def evaluate_captions(model: ImageCaptioner, tok: Tokenizer, images: torch.Tensor, labels: torch.Tensor,
+def evaluate_captions(model: ImageCaptioner, tok: Tokenizer, images: torch.Tensor, labels: torch.Tensor | list[str],
                       device: str = "cpu", beam: int = 1) -> tuple[dict[str, float], list[str]]:
-    """Digit accuracy (the caption names the right digit), exact match with any reference, and BLEU against
-    all CAPTION_TEMPLATES references of the image's digit."""
-    hyps = write_captions(model, tok, images, device, beam)
-    ys = labels.tolist()
-    refs = [[fill(t, y) for t in CAPTION_TEMPLATES] for y in ys]
-    out = {"digit_accuracy": sum(digit_in(h) == y for h, y in zip(hyps, ys)) / len(ys),
-           "exact_match": sum(h in r for h, r in zip(hyps, refs)) / len(ys)}
+    """Exact match with any reference and corpus BLEU against all references of each image; for digits also
+    the digit accuracy (the caption names the right digit). labels: digits (N,) or one caption per image."""
+    hyps = write_captions(model, tok, images, device, beam, max_new_tokens=24)
+    refs = _references(labels)
+    out = {}
+    if isinstance(labels, torch.Tensor):
+        out["digit_accuracy"] = sum(digit_in(h) == y for h, y in zip(hyps, labels.tolist())) / len(hyps)
+    out["exact_match"] = sum(h in r for h, r in zip(hyps, refs)) / len(hyps)
     out["bleu"] = float(sacrebleu.corpus_bleu(hyps, [list(r) for r in zip(*refs)]).score)
     return out, hyps
 
@@ -266,22 +288,25 @@ def train_clip(*, out: str, data: str = "digits", steps: int = 500, groups: int 
 
 
 def train_caption(*, out: str, data: str = "digits", steps: int = 500, batch_size: int = 64, lr: float = 2e-3,
-                  d_model: int = 64, n_layer: int = 2, n_head: int = 4, patch_size: int = 2, beam: int = 1,
+                  d_model: int = 64, n_layer: int = 2, n_head: int = 4, patch_size: int | None = None, beam: int = 1,
                   eval_every: int = 500, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Train an image captioner: a decoder that cross-attends to ViT patch embeddings and writes the caption.
 
-    Evaluates greedy (or beam) captions of held-out images: digit accuracy, exact match and BLEU.
+    Evaluates greedy (or beam) captions of held-out images: exact match and BLEU (digits: also digit
+    accuracy; shapes: also on scenes with colour-shape combinations never seen in training, `novel_*`).
 
     Args:
         out: checkpoint folder (model.safetensors, config.json, tokenizer.json, eval_results.json).
-        data: image-caption data; `digits` (scikit-learn's 8x8 handwritten digits, 80/20 split).
+        data: `digits` (scikit-learn's 8x8 handwritten digits, 80/20 split, templated captions) or `shapes`
+            (rendered 24x24 colour scenes of two shapes, "a small red circle left of a large blue square";
+            6,000 training scenes, 500 test scenes, 500 novel-combination scenes).
         steps: optimizer steps.
         batch_size: images per batch.
         lr: peak learning rate.
         d_model: model width.
         n_layer: blocks in the image encoder and in the text decoder each.
         n_head: attention heads.
-        patch_size: square patch side in pixels.
+        patch_size: square patch side in pixels (default 2 for digits, 4 for shapes).
         beam: beam width for the evaluation captions (1 = greedy).
         eval_every: evaluate every N steps (and at the end).
         seed: seeds the split, the initialisation and the batches.
@@ -289,19 +314,25 @@ def train_caption(*, out: str, data: str = "digits", steps: int = 500, batch_siz
 
     Examples:
         llmkit multimodal train caption --out runs/caption --steps 500
+        llmkit multimodal train caption --data shapes --out runs/shapes --steps 1500
         llmkit multimodal caption runs/caption --image digit.png --beam 4
     """
-    split = _data(data, seed)
-    tok = train_from_iterator([fill(t, c) for t in CAPTION_TEMPLATES for c in range(10)] * 5, "bpe",
-                              vocab_size=300, show_progress=False)
+    split = _data(data, seed, ("digits", "shapes"))
+    if data == "shapes":
+        texts = split["train"][1][:2000]  # 400 asks for more merges than there are: every word becomes one token
+        vis = VisionConfig(split["train"][0].size(-1), patch_size or 4, 3)
+    else:
+        texts = [fill(t, c) for t in CAPTION_TEMPLATES for c in range(10)] * 5
+        vis = VisionConfig(8, patch_size or 2, 1)
+    tok = train_from_iterator(texts, "bpe", vocab_size=400 if data == "shapes" else 300, show_progress=False)
     torch.manual_seed(seed)
-    vis = VisionConfig(8, patch_size, 1)
     cfg = ModelConfig(arch="seq2seq", vocab_size=tok.vocab_size, block_size=32, n_layer=n_layer, n_head=n_head,
                       d_model=d_model, prenorm=True, pos="learned", pad_token_id=tok.pad_id)
     model = ImageCaptioner(cfg, vis).to(device)
     task = CaptionTask(split, tok, batch_size, seed, device, beam)
     return _fit_and_save(model, task, tok, out, steps, lr, eval_every, seed, device,
-                         {"task": "caption", "data": data, "templates": CAPTION_TEMPLATES})
+                         {"task": "caption", "data": data,
+                          "templates": CAPTION_TEMPLATES if data == "digits" else ["describe(first, relation, second)"]})
 
 
 def _load(checkpoint: str, kind: type) -> tuple[nn.Module, Tokenizer]:
@@ -312,12 +343,12 @@ def _load(checkpoint: str, kind: type) -> tuple[nn.Module, Tokenizer]:
     return model, Tokenizer.load(checkpoint)
 
 
-def _images(images: str, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def _images(images: str, size: int, seed: int = 0, channels: int = 1) -> tuple[torch.Tensor, list[str]]:
     if images == "digits":  # the held-out split, named by index and true digit
         px, ys = digits_split(0.2, seed)["test"]
         return px, [f"digits-test[{i}] (a {y})" for i, y in enumerate(ys.tolist())]
     files = image_files(images)
-    return torch.stack([load_image(f, size) for f in files]), [str(f) for f in files]
+    return torch.stack([load_image(f, size, channels) for f in files]), [str(f) for f in files]
 
 
 def search(checkpoint: str, *, text: str | None = None, image: str | None = None, images: str = "digits",
@@ -373,7 +404,7 @@ def caption(checkpoint: str, *, image: str, beam: int = 1) -> list[str]:
         llmkit multimodal caption runs/caption --image scans/ --beam 4
     """
     model, tok = _load(checkpoint, ImageCaptioner)
-    px, names = _images(image, model.vis.image_size)
+    px, names = _images(image, model.vis.image_size, channels=model.vis.channels)
     caps = write_captions(model, tok, px, beam=beam)
     for name, c in zip(names, caps):
         print(f"{name}\t{c}")
