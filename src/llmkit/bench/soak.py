@@ -55,7 +55,10 @@ async def _stream_text(c: httpx.AsyncClient, body: dict[str, Any], stop_after: i
                 if finishes != 1:
                     raise RuntimeError(f"a stream had {finishes} finish_reason chunks")
                 return "".join(parts)
-            ch = json.loads(line[6:])["choices"][0]
+            obj = json.loads(line[6:])
+            if "error" in obj:  # the server failed after answering 200 (serve/streaming.py)
+                raise RuntimeError(f"a stream ended in an error event: {obj['error']}")
+            ch = obj["choices"][0]
             parts.append(ch["delta"].get("content") or "")
             finishes += ch["finish_reason"] is not None
             chunks += 1
