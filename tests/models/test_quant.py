@@ -79,8 +79,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
-@pytest.mark.parametrize("bits,extra,tol", [(8, [], 0.02), (4, ["--group_size", "32"], 0.15)])
-def test_quantize_command_round_trip(llama_ckpt, tmp_path, bits, extra, tol):
+@pytest.mark.parametrize("bits,extra,tol,head", [(8, [], 0.02, 8), (4, ["--group_size", "32"], 0.15, 8),
+                                                 (4, ["--head_bits", "4"], 0.15, 4)])
+def test_quantize_command_round_trip(llama_ckpt, tmp_path, bits, extra, tol, head):
     out = tmp_path / f"int{bits}"
     r = _run("quantize", str(llama_ckpt), str(out), "--bits", str(bits), *extra)
     assert r.returncode == 0, r.stderr
@@ -89,6 +90,8 @@ def test_quantize_command_round_trip(llama_ckpt, tmp_path, bits, extra, tol):
     qmodel, tok = load(out)
     fmodel, _ = load(llama_ckpt)
     assert tok is not None and isinstance(qmodel.lm_head, QuantLinear)
+    assert qmodel.lm_head.bits == head  # 4-bit models keep an int8 vocabulary projection unless asked
+    assert {m.bits for n, m in qmodel.named_modules() if isinstance(m, QuantLinear) and n != "lm_head"} == {bits}
     assert qmodel.tok_emb.weight.dtype == torch.float32  # embeddings stay fp32
     x = torch.randint(0, qmodel.cfg.vocab_size, (2, 24))
     with torch.no_grad():
@@ -110,7 +113,8 @@ def test_quantize_refusals(llama_ckpt, tmp_path):
     for args, words in [((str(out), str(tmp_path / "again"), "--bits", "4"), "already quantized"),
                         ((str(llama_ckpt), str(tmp_path / "b3"), "--bits", "3"), "--bits 3"),
                         ((str(llama_ckpt), str(tmp_path / "g48"), "--bits", "4", "--group_size", "48"), "group_size 48"),
-                        ((str(llama_ckpt), str(tmp_path / "g8"), "--bits", "8", "--group_size", "32"), "per output channel")]:
+                        ((str(llama_ckpt), str(tmp_path / "g8"), "--bits", "8", "--group_size", "32"), "per output channel"),
+                        ((str(llama_ckpt), str(tmp_path / "h2"), "--bits", "4", "--head_bits", "2"), "--head_bits 2")]:
         r = _run("quantize", *args)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / args[1].rsplit("/", 1)[-1]).exists() or args[1] == str(out)

@@ -9,7 +9,6 @@ plus the benchmarks other areas register (ONNX Runtime, serving, fine-tuning) wh
 from __future__ import annotations
 
 import importlib
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -19,6 +18,9 @@ from typing import Any
 
 import torch
 
+from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_json
+
 # each suite is a module with `bench(quick: bool) -> dict`; a suite whose optional dependency is missing is skipped
 SUITES = {"train": "llmkit.bench.train", "decode": "llmkit.bench.decode", "onnx": "llmkit.bench.onnx",
           "serve": "llmkit.bench.serve", "engine": "llmkit.bench.engine", "finetune": "llmkit.bench.finetune",
@@ -26,7 +28,8 @@ SUITES = {"train": "llmkit.bench.train", "decode": "llmkit.bench.decode", "onnx"
 
 
 
-def bench(*, quick: bool = False, only: str | None = None, out: str = "benchmarks/results") -> dict[str, Any]:
+def bench(*, quick: bool = False, only: str | None = None, out: str = "benchmarks/results",
+          threads: int | None = None) -> dict[str, Any]:
     """Run the benchmarks, print tokens/s with the reference ratio, and write JSON under OUT.
 
     Args:
@@ -34,11 +37,18 @@ def bench(*, quick: bool = False, only: str | None = None, out: str = "benchmark
         only: run just the benchmarks whose name contains this string (train, decode, onnx, serve, engine,
             finetune, constrained).
         out: folder for the JSON results (one timestamped file plus latest.json).
+        threads: torch (and llama-bench) threads; default torch's own choice. On a shared machine, 1 thread
+            pinned with `taskset -c 0` keeps same-run ratios meaningful (OpenMP barriers stall under load).
 
     Examples:
         llmkit bench
         llmkit bench --quick true --only decode
+        LLMKIT_LLAMA_BENCH=~/llama.cpp/build/bin/llama-bench taskset -c 0 llmkit bench --only decode --threads 1
     """
+    if threads is not None:
+        if threads < 1:
+            raise LlmkitError(f"--threads {threads}: give at least 1")
+        torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     results: list[dict[str, Any]] = []
     suites: list[tuple[str, Callable[[bool], dict[str, Any]]]] = []
@@ -67,6 +77,6 @@ def bench(*, quick: bool = False, only: str | None = None, out: str = "benchmark
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     for path in (out_dir / f"bench-{stamp}.json", out_dir / "latest.json"):
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(path, report)
     print(f"wrote {out_dir / f'bench-{stamp}.json'}")
     return report
