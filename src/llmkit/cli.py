@@ -198,7 +198,9 @@ def run_command(path: list[str], target: str, args: list[str]) -> Any:
     parser.add_function_arguments(fn, as_positional=True)
     args = _normalize_flags(fn, args)
     cfg = parser.parse_args(args)
-    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if k != "config"}
+    # jsonargparse 4.49 renamed instantiate_classes to instantiate (the old name warns on every command)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    kwargs = {k: v for k, v in vars(instantiate(cfg)).items() if k != "config"}
     return fn(**kwargs)
 
 
