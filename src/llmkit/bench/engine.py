@@ -17,6 +17,8 @@ from llmkit.inference.sampling import SamplingParams
 from llmkit.models.quant import prepare_quantized, quantize_model
 from llmkit.serve.engine import Engine, TokenEvent, new_request
 
+LONG_ANSWERS = ["Write a long story about a lighthouse keeper.", "Explain in detail how a steam engine works.",
+                "Describe the history of Rome in many paragraphs.", "Write a long letter to a friend about a trip."]
 QUESTIONS = ["Write a short poem about the sea.", "What is the capital of France?", "Explain gravity simply.",
              "Name three fruits.", "Tell me a joke.", "How do birds fly?", "What is 12 times 7?",
              "Describe a sunset."]
@@ -63,10 +65,11 @@ def aggregate(engine: Engine, tok: Any, clients: int, new: int) -> float:
 def stall(engine: Engine, tok: Any, long_ids: list[int], new: int) -> dict[str, float]:
     """4 running streams; a long prompt arrives: p95 of their gaps while it is prefilled vs their median gap."""
     s = Streams(5)
-    for i in range(4):
-        engine.submit(new_request(engine, _prompt(tok, QUESTIONS[i]), SamplingParams(max_new_tokens=new,
-                                                                                       temperature=0), s.sink(i)))
-    while min(len(s.times[i]) for i in range(4)) < 8:
+    for i in range(4):  # long answers, so the streams are still running when the long prompt arrives
+        engine.submit(new_request(engine, _prompt(tok, LONG_ANSWERS[i]), SamplingParams(max_new_tokens=new,
+                                                                                          temperature=0), s.sink(i)))
+    deadline = time.perf_counter() + 300  # bounded: a stream that ends early (eos) must not hang the suite
+    while min(len(s.times[i]) for i in range(4)) < 8 and s.finished == 0 and time.perf_counter() < deadline:
         time.sleep(0.005)
     t_arrive = time.perf_counter()
     engine.submit(new_request(engine, long_ids, SamplingParams(max_new_tokens=4, temperature=0), s.sink(4)))
@@ -83,7 +86,7 @@ def stall(engine: Engine, tok: Any, long_ids: list[int], new: int) -> dict[str, 
     p95 = statistics.quantiles(window, n=20)[-1] if len(window) >= 2 else max(window or [med])
     return {"median_gap_ms": 1e3 * med, "p95_gap_while_prefilling_ms": 1e3 * p95,
             "max_gap_while_prefilling_ms": 1e3 * max(window or [med]), "p95_over_median": p95 / med,
-            "long_prompt_ttft_s": t_first - t_arrive}
+            "long_prompt_ttft_s": t_first - t_arrive, "gaps_while_prefilling": len(window)}
 
 
 def bench(quick: bool = False) -> dict[str, Any]:

@@ -7,8 +7,8 @@ One background thread owns the model. It keeps a slot cache of `max_batch` rows 
 
 Waiting prompts are prefilled together (left-padded into one batch with its own cache, as many as there
 are free slots and as long as padding stays below the real tokens), in chunks between decode steps while
-streams run: each chunk costs about one decode step (measured prefill rate x step time), so a long prompt
-never stalls the running streams for longer than that. Each prefilled row's K/V is then copied
+streams run: each chunk is sized, from the measured time of the previous one, to last about CHUNK_STEPS
+decode steps, so a long prompt never stalls the running streams for much longer than that. Each prefilled row's K/V is then copied
 right-aligned into its slot and it decodes with everyone else: one (B, 1) forward per step with per-row `position_ids` (each row's own
 logical position) and an attention mask hiding other rows' stale positions and free slots. When `pos`
 reaches L the buffer is shifted left (compaction); a prompt longer than `pos` shifts it right.
@@ -93,6 +93,10 @@ class GenRequest:
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for presence/frequency penalties
 
 
+# a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
+CHUNK_STEPS = 1.5
+
+
 class Engine:
     """Runs decoder generation for many concurrent requests in one batched decode loop (see module doc)."""
 
@@ -119,10 +123,10 @@ class Engine:
         self.error: BaseException | None = None
         self.stats = {"steps": 0, "prefills": 0, "compactions": 0, "shifts": 0, "aborted": 0,
                       "prefill_batches": 0, "prefill_chunks": 0}  # for tests and /metrics
-        self.prefill_chunk = prefill_chunk  # tokens per row per chunk; None = sized to one decode step
+        self.prefill_chunk = prefill_chunk  # tokens per row per chunk; None = sized by time (see _chunk_len)
         self._job: _Prefill | None = None
-        self._step_s = 0.0  # moving averages: decode step seconds, prefill tokens per second
-        self._prefill_tps = 0.0
+        self._step_s = 0.0  # moving average of a decode step's seconds
+        self._chunk_tokens = 0  # the adaptive chunk size (all rows together), 0 until the first chunk
 
     # -- public API (any thread) --------------------------------------------------------------------------
     def start(self) -> None:
@@ -277,12 +281,20 @@ class Engine:
         self.stats["prefill_batches"] += 1
 
     def _chunk_len(self, rows: int) -> int:
-        """Prefill tokens per row for the next chunk: fixed, or about one decode step's worth of time."""
+        """Prefill tokens per row for the next chunk: fixed, or sized so that a chunk takes about CHUNK_STEPS
+        decode steps (a running stream's gap is then about 1 + CHUNK_STEPS times its usual gap)."""
         if self.prefill_chunk is not None:
             return self.prefill_chunk
-        if not self._prefill_tps or not self._step_s:
-            return max(1, 32 // rows)  # first chunk: measure the rate
-        return max(8, int(self._prefill_tps * self._step_s) // rows)
+        return max(1, (self._chunk_tokens or 32) // rows)
+
+    def _adapt_chunk(self, tokens: int, seconds: float) -> None:
+        """Scale the chunk toward CHUNK_STEPS decode steps of time. A chunk's cost is not proportional to its
+        size (each call has a fixed overhead), so a rate measured on small chunks would keep them small:
+        the size follows the time ratio instead, at most 2x per chunk either way."""
+        if not self._step_s:
+            return
+        ratio = min(2.0, max(0.5, CHUNK_STEPS * self._step_s / max(seconds, 1e-6)))
+        self._chunk_tokens = max(8, int(tokens * ratio))
 
     def _prefill_chunk(self, job: _Prefill) -> None:
         """Run the next chunk of `job` (all of it when nothing decodes); place its rows when it is done."""
@@ -292,8 +304,8 @@ class Engine:
         sl = slice(job.done, end)
         logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
                             cache=job.cache, last_only=True).logits[:, -1]  # (rows, V)
-        tps = (end - job.done) * len(job.reqs) / max(time.perf_counter() - t0, 1e-6)
-        self._prefill_tps = tps if not self._prefill_tps else 0.8 * self._prefill_tps + 0.2 * tps
+        if self.n_running and end < T:  # a full chunk beside running streams (the last one is a remainder)
+            self._adapt_chunk((end - job.done) * len(job.reqs), time.perf_counter() - t0)
         self.stats["prefill_chunks"] += 1
         job.done = end
         if end < T:
