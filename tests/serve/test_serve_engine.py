@@ -217,3 +217,21 @@ def test_engine_chunks_and_batches_prefills(small_model):
     assert [col.text[i] for i in range(len(prompts))] == ref
     assert engine.stats["prefill_chunks"] > engine.stats["prefill_batches"]  # long prompts took several chunks
     assert engine.stats["prefill_batches"] < engine.stats["prefills"]  # waiting prompts were prefilled together
+
+
+def test_prefill_chunk_follows_measured_time(small_model):
+    """Unfixed chunks aim at CHUNK_STEPS decode steps of time, moving at most 2x per chunk, never below 8."""
+    from llmkit.serve.engine import CHUNK_STEPS
+
+    model, tok = small_model
+    engine = Engine(model, tok, max_batch=2)
+    assert engine._chunk_len(1) == 32 and engine._chunk_len(2) == 16  # before anything is measured
+    engine._step_s = 0.1
+    engine._adapt_chunk(100, CHUNK_STEPS * 0.1)  # on target: unchanged
+    assert engine._chunk_len(1) == 100 and engine._chunk_len(4) == 25
+    engine._adapt_chunk(100, 0.01)  # 15x too fast: doubles, not 15x
+    assert engine._chunk_len(1) == 200
+    engine._adapt_chunk(200, 0.3)  # 2x too slow: halves
+    assert engine._chunk_len(1) == 100
+    engine._adapt_chunk(10, 10.0)
+    assert engine._chunk_len(1) == 8
