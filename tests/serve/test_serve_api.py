@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmkit.errors import LlmkitError
 from llmkit.inference.generate import generate, generate_text
 from llmkit.inference.sampling import SamplingParams
 from llmkit.models.load import load
@@ -343,9 +344,12 @@ def test_max_context_bounds_cache_and_requests(model_tok):
     from fastapi.testclient import TestClient
 
     model, tok = model_tok
-    app = create_app((model, tok), max_batch=2, max_context=32, stream_interval=0)
+    app = create_app((model, tok), max_batch=2, max_context=32, stream_interval=0, prefill_chunk=8)
     engine = app.state.server.engine
     assert engine.cache.max_len == 32 + 16 and engine.cache.k[0].shape[0] == 2
+    assert engine.prefill_chunk == 8 and engine._chunk_len(2) == 8  # --prefill_chunk fixes the chunk size
+    with pytest.raises(LlmkitError, match="prefill_chunk must be at least 1"):
+        create_app((model, tok), prefill_chunk=0)
     with TestClient(app) as http:
         assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 32
         r = http.post("/v1/completions", json={"prompt": [65] * 32})

@@ -35,7 +35,7 @@ __all__ = ["BackgroundServer", "Limits", "create_app", "serve"]
 def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key: str | None = None,
                max_batch: int = 8, limits: Limits | None = None, model_name: str | None = None,
                device: str = "cpu", max_context: int | None = 2048, stream_interval: float = 0.02,
-               open_pages: bool = False) -> FastAPI:
+               open_pages: bool = False, prefill_chunk: int | None = None) -> FastAPI:
     """Build the FastAPI app serving one checkpoint folder (or an in-memory (model, tokenizer) pair)."""
     if isinstance(checkpoint, tuple):
         model, tok = checkpoint
@@ -51,7 +51,10 @@ def create_app(checkpoint: str | Path | tuple[nn.Module, Tokenizer], *, api_key:
         raise LlmkitError(f"max_context must be at least 2 tokens, got {max_context}")
     if stream_interval < 0:
         raise LlmkitError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
-    srv = Server(model, tok, name, max_batch, limits or Limits(), max_context, stream_interval)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise LlmkitError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}; omit it to size chunks "
+                          "by time")
+    srv = Server(model, tok, name, max_batch, limits or Limits(), max_context, stream_interval, prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -158,7 +161,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
           max_prompt_tokens: int | None = None, max_body_bytes: int = 1_000_000, max_context: int | None = 2048,
           model_name: str | None = None,
           device: str = "cpu", threads: int | None = None, stream_interval: float = 0.02,
-          graceful_timeout: float = 30.0, open_pages: bool = False) -> None:
+          graceful_timeout: float = 30.0, open_pages: bool = False, prefill_chunk: int | None = None) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat playground at `/`.
 
     Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with SSE),
@@ -184,10 +187,14 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
             between go out together, still one SSE event each. 0.02 s is smooth to read and saves CPU.
         graceful_timeout: seconds to let running requests finish after SIGTERM before cancelling them.
         open_pages: with an API key, still serve /metrics, /docs and /openapi.json without it.
+        prefill_chunk: prompt tokens prefilled per chunk while other streams decode. Default: sized by time,
+            so running streams' token gaps stay near 2.5x their usual gap; larger chunks give a long prompt its
+            first token sooner at the cost of longer pauses for the others (docs/inference.md).
 
     Examples:
         llmkit serve runs/demo
         llmkit serve runs/demo --port 8080 --api_key secret --max_batch 16
+        llmkit serve runs/smollm2-int8 --threads 2 --prefill_chunk 256
         LLMKIT_API_KEY=secret llmkit serve runs/sft --host 0.0.0.0
     """
     import torch
@@ -199,7 +206,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                     max_concurrent=max_concurrent)
     app = create_app(checkpoint, api_key=api_key, max_batch=max_batch, limits=limits, model_name=model_name,
-                     device=device, max_context=max_context, stream_interval=stream_interval, open_pages=open_pages)
+                     device=device, max_context=max_context, stream_interval=stream_interval, open_pages=open_pages,
+                     prefill_chunk=prefill_chunk)
     name = app.state.server.name
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"serving {name!r} on http://{shown}:{port}  (playground: http://{shown}:{port}/ , "

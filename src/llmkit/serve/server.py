@@ -130,7 +130,7 @@ class Server:
     """Everything one served model needs: model, tokenizer, engine, limits, metrics."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, model_name: str, max_batch: int, limits: Limits,
-                 max_context: int | None = None, stream_interval: float = 0.0):
+                 max_context: int | None = None, stream_interval: float = 0.0, prefill_chunk: int | None = None):
         self.model, self.tok, self.name, self.limits = model, tokenizer, model_name, limits
         self.block_size = min(model.cfg.block_size, max_context or model.cfg.block_size)
         self.metrics = Metrics()
@@ -138,7 +138,8 @@ class Server:
         self.created = int(time.time())
         self.engine: Engine | None = None
         if model.cfg.arch == "decoder":
-            self.engine = Engine(model, tokenizer, max_batch, on_step=self.metrics.on_step, max_context=max_context)
+            self.engine = Engine(model, tokenizer, max_batch, on_step=self.metrics.on_step, max_context=max_context,
+                                 prefill_chunk=prefill_chunk)
         self.in_flight = 0  # sequences submitted and not finished (event-loop thread only)
         self.embed_lock = threading.Lock()
         # engine thread -> event loop: the events of one decode step (or of several, within stream_interval)
