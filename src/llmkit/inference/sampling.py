@@ -100,6 +100,69 @@ def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.T
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def _row_values(params: list[SamplingParams], attr: str, none: float, device: torch.device) -> torch.Tensor:
+    """(R, 1) float tensor of one sampling setting per row (`none` where a row leaves it unset)."""
+    vals = [getattr(p, attr) for p in params]
+    return torch.tensor([[none if v is None else float(v)] for v in vals], device=device)
+
+
+def process_rows(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row's own settings applied at once to logits (R, V): penalties, logit bias, the constraint mask,
+    temperature, top-k and top-p. Returns (greedy rows (R,) bool, their argmax (R,), probabilities (R, V))."""
+    logits = logits.float()
+    R, V = logits.shape
+    dev = logits.device
+    if seen is not None:
+        pen = _row_values(params, "repetition_penalty", 1.0, dev)
+        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(R, V, dtype=logits.dtype, device=dev)
+        for i, p in enumerate(params):  # a few entries per biased row, written once per step
+            if p.logit_bias:
+                bias[i, torch.tensor(list(p.logit_bias), device=dev)] = torch.tensor(list(p.logit_bias.values()),
+                                                                                    dtype=logits.dtype, device=dev)
+        logits = logits + bias
+    if counts is not None:
+        fr, pr = _row_values(params, "frequency_penalty", 0.0, dev), _row_values(params, "presence_penalty", 0.0, dev)
+        logits = logits - fr * counts - pr * (counts > 0).to(logits.dtype)
+    logits = apply_allowed(logits, allowed)
+    temp = _row_values(params, "temperature", 1.0, dev)
+    greedy = temp[:, 0] < 1e-4  # 0 = greedy; below 1e-4 logits / T overflows, and the argmax is the answer
+    best = logits.argmax(-1)
+    x = logits / temp.clamp(min=1e-4)
+    ks = [p.top_k if p.top_k is not None and p.top_k < V else V for p in params]
+    if min(ks) < V:
+        top = torch.topk(x, max(ks), dim=-1).values  # (R, kmax)
+        kth = top.gather(-1, torch.tensor([[k - 1] for k in ks], device=dev).clamp(max=top.size(-1) - 1))
+        x = x.masked_fill((x < kth) & torch.tensor([[k < V] for k in ks], device=dev), float("-inf"))
+    top_p = _row_values(params, "top_p", float("inf"), dev)
+    top_p = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p)
+    if bool(torch.isfinite(top_p).any()):
+        sx, order = torch.sort(x, descending=True, dim=-1)
+        sp = sx.softmax(-1)
+        sx = sx.masked_fill(sp.cumsum(-1) - sp >= top_p, float("-inf"))  # mass before the token reaches top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sx)
+    probs = x.softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1)  # extreme settings (top_p 1e-300) can underflow: take the argmax
+    if bad.any():
+        probs[bad] = torch.nn.functional.one_hot(best[bad], V).to(probs.dtype)
+    return greedy, best, probs
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                seen: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens (R,) for rows that each have their own settings and random generator (the serving engine):
+    the logits work is one vectorized pass; only the draw runs per row, so each row's seed is its own."""
+    greedy, best, probs = process_rows(logits, params, seen, counts, allowed)
+    out = best.clone()
+    for i in (~greedy).nonzero()[:, 0].tolist():
+        out[i] = torch.multinomial(probs[i: i + 1], 1, generator=generators[i])[0, 0]
+    return out
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                 seen: torch.Tensor | None = None, counts: torch.Tensor | None = None,
                 allowed: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from llmkit.data.batching import left_pad
 from llmkit.errors import LlmkitError
 from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
-from llmkit.inference.sampling import SamplingParams, sample_next
+from llmkit.inference.sampling import SamplingParams, sample_rows
 from llmkit.models.kv_cache import KVCache
 from llmkit.tokenizer import Tokenizer
 
@@ -326,11 +326,13 @@ class Engine:
             c.valid[slot, c.pos - n: c.pos] = True
             req.slot, req.n_cached = slot, n
             self.slots[slot] = req
-        for row, req in enumerate(job.reqs):
+        live = [row for row, req in enumerate(job.reqs) if not req.cancelled]
+        for req in job.reqs:
             if req.cancelled:
                 self._finish(req, "abort")
-            else:
-                self._accept(req, logits[row])
+        toks = self._choose([job.reqs[row] for row in live], logits[live])
+        for row, tok in zip(live, toks):
+            self._accept(job.reqs[row], logits[row], tok)
 
     def _fail_running(self, e: Exception) -> None:
         log.error("decode step failed; failing the running batch", exc_info=e)
@@ -387,32 +389,48 @@ class Engine:
         dt = time.perf_counter() - t0
         self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
         logits = logits[:, -1]  # (hi, V)
-        greedy = logits.argmax(-1).tolist()
+        active = [i for i, r in enumerate(rows) if r is not None]
+        toks = self._choose([rows[i] for i in active], logits[active])
         produced = 0
-        for i, r in enumerate(rows):
-            if r is None:
-                continue
+        for i, tok in zip(active, toks):
+            r = rows[i]
             r.n_cached += 1
-            self._accept(r, logits[i], greedy[i])
+            self._accept(r, logits[i], tok)
             produced += 1
         if self.on_step is not None:
             self.on_step(produced, time.perf_counter() - t0)
 
-    def _accept(self, req: GenRequest, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Sample the next token for `req` from its logits (V,), emit its text, finish the request if done."""
-        p = req.params
-        if p.plain_greedy and req.constraint is None:
-            tok = int(logits.argmax()) if greedy is None else greedy
-        else:
-            seen = None
-            if p.repetition_penalty != 1.0:
-                seen = torch.zeros(1, logits.size(-1), dtype=torch.bool)
-                seen[0, req.prompt_ids + req.out_ids] = True
-            if p.needs_counts and req.counts is None:
-                req.counts = torch.zeros(logits.size(-1))
-            allowed = None if req.constraint is None else req.constraint.allowed()[None]
-            tok = int(sample_next(logits[None].cpu(), p, req.generator, seen,
-                                  None if req.counts is None else req.counts[None], allowed)[0])
+    @staticmethod
+    def _choose(reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
+        """The next token of each request from its logits row (R, V): one batched argmax for plain greedy rows,
+        one vectorized `sample_rows` pass for the rest (each with its own settings, constraint and seed)."""
+        toks = logits.argmax(-1).tolist()
+        idx = [i for i, r in enumerate(reqs) if not (r.params.plain_greedy and r.constraint is None)]
+        if not idx:
+            return toks
+        sub = [reqs[i] for i in idx]
+        V = logits.size(-1)
+        seen = counts = allowed = None
+        if any(r.params.repetition_penalty != 1.0 for r in sub):
+            seen = torch.zeros(len(sub), V, dtype=torch.bool)
+            for j, r in enumerate(sub):
+                seen[j, r.prompt_ids + r.out_ids] = True  # rows with penalty 1 are unchanged by it
+        for r in sub:
+            if r.params.needs_counts and r.counts is None:
+                r.counts = torch.zeros(V)
+        if any(r.counts is not None for r in sub):
+            counts = torch.stack([r.counts if r.counts is not None else torch.zeros(V) for r in sub])
+        if any(r.constraint is not None for r in sub):
+            allowed = torch.stack([r.constraint.allowed() if r.constraint is not None
+                                   else torch.ones(V, dtype=torch.bool) for r in sub])
+        new = sample_rows(logits[idx].cpu(), [r.params for r in sub], [r.generator for r in sub], seen, counts,
+                          allowed).tolist()
+        for i, t in zip(idx, new):
+            toks[i] = t
+        return toks
+
+    def _accept(self, req: GenRequest, logits: torch.Tensor, tok: int) -> None:
+        """Take `tok` (chosen by `_choose`) as the next token of `req`, emit its text, finish it if done."""
         req.n_sampled += 1
         if req.t_first is None:
             req.t_first = time.perf_counter()
