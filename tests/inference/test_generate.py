@@ -5,7 +5,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.inference.generate import generate, generate_ids, generate_text
-from llmkit.inference.sampling import SamplingParams, filter_logits, sample_next
+from llmkit.inference.sampling import SamplingParams, process_rows, sample_next
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
 from llmkit.models.load import load
@@ -33,13 +33,13 @@ def test_greedy_with_cache_equals_without_and_batch_equals_single(name):
 
 
 def test_top_k_and_top_p_filters():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[True, False, False, True]]
+    def kept(logits: torch.Tensor, **kw: float) -> list[list[bool]]:
+        return (process_rows(logits, [SamplingParams(**kw)])[2] > 0).tolist()
+
+    assert kept(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), top_k=2) == [[False, True, True, False]]
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = ~torch.isinf(filter_logits(probs, None, 0.7))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 so the second token is needed too
-    kept = ~torch.isinf(filter_logits(probs, None, 0.5))
-    assert kept.tolist() == [[True, False, False, False]]
+    assert kept(probs, top_p=0.7) == [[True, True, False, False]]  # 0.5 < 0.7 so the second token is needed too
+    assert kept(probs, top_p=0.5) == [[True, False, False, False]]
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -1,5 +1,5 @@
-"""`sample_rows` (the engine's one vectorized pass over rows with their own settings) against `sample_next`
-called row by row with the same seeds: the same tokens, draw for draw."""
+"""`sample_rows` (the engine's one vectorized pass over rows with their own settings) and `sample_next`
+against a plain one-row-at-a-time reference written from the definitions: the same tokens, draw for draw."""
 
 from __future__ import annotations
 
@@ -17,7 +17,34 @@ ROWS = [SamplingParams(temperature=0),
         SamplingParams(temperature=2.0, top_p=1e-300)]
 
 
-def test_sample_rows_equals_sample_next_per_row():
+def reference_sample(logits, p: SamplingParams, gen, seen, counts, allowed) -> int:
+    """One row (V,), each rule applied as the documentation states it, with scalars."""
+    x = logits.float().clone()
+    if p.repetition_penalty != 1.0:
+        x = torch.where(seen & (x > 0), x / p.repetition_penalty, torch.where(seen, x * p.repetition_penalty, x))
+    for tok, b in (p.logit_bias or {}).items():
+        x[tok] += b
+    x = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+    if allowed.any():
+        x = x.masked_fill(~allowed, float("-inf"))
+    if p.temperature < 1e-4:
+        return int(x.argmax())
+    best = int(x.argmax())
+    x = x / p.temperature
+    if p.top_k is not None and p.top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, p.top_k).values[-1], float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sx, order = torch.sort(x, descending=True)
+        sp = sx.softmax(-1)
+        sx = sx.masked_fill(sp.cumsum(-1) - sp >= p.top_p, float("-inf"))  # mass before the token reaches top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sx)
+    probs = x.softmax(-1)
+    if not torch.isfinite(probs).all():
+        return best
+    return int(torch.multinomial(probs[None], 1, generator=gen)[0, 0])
+
+
+def test_sample_rows_and_sample_next_equal_the_reference():
     V, R = 64, len(ROWS)
     g = torch.Generator().manual_seed(0)
     seen = torch.rand(R, V, generator=g) < 0.3
@@ -29,9 +56,12 @@ def test_sample_rows_equals_sample_next_per_row():
         gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(R)]
         ref_gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(R)]
         got = sample_rows(logits, ROWS, gens, seen, counts, allowed)
-        want = torch.cat([sample_next(logits[i: i + 1], p, ref_gens[i], seen[i: i + 1], counts[i: i + 1],
-                                      allowed[i: i + 1]) for i, p in enumerate(ROWS)])
-        assert got.tolist() == want.tolist()
+        want = [reference_sample(logits[i], p, ref_gens[i], seen[i], counts[i], allowed[i])
+                for i, p in enumerate(ROWS)]
+        assert got.tolist() == want
+        one_gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(R)]
+        assert [int(sample_next(logits[i: i + 1], p, one_gens[i], seen[i: i + 1], counts[i: i + 1],
+                                allowed[i: i + 1])) for i, p in enumerate(ROWS)] == want
         assert got[4] == 3  # +100 bias all but forces token 3
         assert got[1] % 2 == 1  # the constraint's mask holds
 

@@ -1,5 +1,7 @@
 """Next-token choice: greedy, temperature, top-k, top-p, the repetition penalty, OpenAI's logit bias and
-presence/frequency penalties, and a constrained-decoding mask, each a vectorized function over rows."""
+presence/frequency penalties, and a constrained-decoding mask, applied in one vectorized pass (`process_rows`)
+where every row may have its own settings: `sample_next` (one setting for the batch, `generate`) and
+`sample_rows` (one per row with its own seed, the serving engine) share it."""
 
 from __future__ import annotations
 
@@ -49,47 +51,6 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise LlmkitError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already present: positive logits / penalty, negative * penalty.
-
-    seen: (B, V) bool of tokens in the prompt or generated so far.
-    """
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf (always keeps the best token)."""
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens whose preceding mass already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
-    """Add OpenAI's logit_bias {token id: bias} to every row (-100 bans a token, +100 all but forces it)."""
-    if not bias:
-        return logits
-    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
-    vals = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits.index_add(-1, ids, vals.expand(*logits.shape[:-1], -1))
-
-
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
-    """OpenAI's penalties: logit - frequency * count - presence * (count > 0), counts (B, V) of generated tokens."""
-    if presence == 0.0 and frequency == 0.0:
-        return logits
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -166,23 +127,11 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                 seen: torch.Tensor | None = None, counts: torch.Tensor | None = None,
                 allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick the next token for each row of logits (B, V) -> (B,).
+    """Pick the next token for each row of logits (B, V) -> (B,), all rows with the same settings and generator.
 
     seen: (B, V) bool for the repetition penalty; counts: (B, V) generated-token counts for the presence and
     frequency penalties; allowed: (B, V) bool mask of a constrained decoder (structured outputs)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    logits = apply_logit_bias(logits, params.logit_bias)
-    if counts is not None:
-        logits = apply_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
-    logits = apply_allowed(logits, allowed)
-    if params.temperature < 1e-4:  # 0 = greedy; below 1e-4 logits / T overflows, and the argmax is the answer
-        return logits.argmax(-1)
-    best = logits.argmax(-1)
-    probs = filter_logits(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
-    bad = ~torch.isfinite(probs).all(-1)  # extreme settings (top_p 1e-300) can underflow: take the argmax
-    if bad.any():
-        probs[bad] = torch.nn.functional.one_hot(best[bad], probs.size(-1)).to(probs.dtype)
+    greedy, best, probs = process_rows(logits, [params] * logits.size(0), seen, counts, allowed)
+    if params.temperature < 1e-4:
+        return best
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
