@@ -39,6 +39,7 @@ TRAIN_TEMPLATES = ["a photo of the digit {w}", "a handwritten {n}", "the number 
 HELD_OUT_TEMPLATES = ["a picture of the number {n}", "this is a handwritten {w}", "someone wrote {w} here",
                       "a small {n}"]
 CAPTION_TEMPLATES = ["a handwritten digit {w}", "the number {w} written by hand"]
+SHAPES_TEMPLATE = "a {size} {colour} {shape} {left of|above} a {size} {colour} {shape}"  # data/shapes.py: describe
 RESULTS = "eval_results.json"
 
 
@@ -332,7 +333,7 @@ def train_caption(*, out: str, data: str = "digits", steps: int = 500, batch_siz
     task = CaptionTask(split, tok, batch_size, seed, device, beam)
     return _fit_and_save(model, task, tok, out, steps, lr, eval_every, seed, device,
                          {"task": "caption", "data": data,
-                          "templates": CAPTION_TEMPLATES if data == "digits" else ["describe(first, relation, second)"]})
+                          "templates": CAPTION_TEMPLATES if data == "digits" else [SHAPES_TEMPLATE]})
 
 
 def _load(checkpoint: str, kind: type) -> tuple[nn.Module, Tokenizer]:
