@@ -113,7 +113,7 @@ def test_explain_attention_writes_an_overlay_png(tmp_path, capsys):
     save_png(_digits(1)[0], tmp_path / "d.png")
     assert main(["explain", "attention", str(tmp_path / "clip"), "--image", str(tmp_path / "d.png"),
                  "--head", "-1", "--out", str(tmp_path / "a")]) == 0
-    png = tmp_path / "a" / "attention_image_L0_Hmean.png"
+    png = tmp_path / "a" / "attention_image_layers_Hmean.png"
     assert "most attended patch" in capsys.readouterr().out
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 300 and im.height > 150

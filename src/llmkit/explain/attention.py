@@ -153,7 +153,7 @@ def explain_attention(checkpoint: str, *, text: str | None = None, image: str | 
         layer: layer index, 0-based (negative counts from the last).
         head: head index within the layer, 0-based; -1 = mean over heads (image checkpoints).
         out: output folder; gets attention_L{layer}_H{head}.png and attention.html (text), or
-            attention_image_L{layer}_H{head}.png (image).
+            attention_image_L{layer}_H{head}.png (image; CLIP: attention_image_layers_H{head}.png).
         device: cpu or cuda.
 
     Examples:

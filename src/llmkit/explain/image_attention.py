@@ -166,7 +166,8 @@ def read_image(image: str, model: nn.Module) -> torch.Tensor:
 
 def explain_image_attention(model: nn.Module, tok, image: str, layer: int, head: int, out: str,
                             source: str) -> dict[str, str]:
-    """Write attention_image_L{layer}_H{head}.png: the image with its attention maps drawn over it."""
+    """Write attention_image_L{layer}_H{head}.png (CLIP: attention_image_layers_H{head}.png): the image with
+    its attention maps drawn over it."""
     n_layer = len(model.image.blocks) if isinstance(model, CLIP) else len(model.text.dec_blocks)
     if not -n_layer <= layer < n_layer:
         raise LlmkitError(f"layer {layer} does not exist: the model has {n_layer} layers (0..{n_layer - 1})")
@@ -181,7 +182,8 @@ def explain_image_attention(model: nn.Module, tok, image: str, layer: int, head:
         heading = f"{source}: '{caption}' - cross-attention of layer {layer % n_layer} per token ({who})"
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    png = folder / f"attention_image_L{layer % n_layer}_H{'mean' if head == -1 else head}.png"
+    which = "layers" if isinstance(model, CLIP) else f"L{layer % n_layer}"  # CLIP: one panel per layer
+    png = folder / f"attention_image_{which}_H{'mean' if head == -1 else head}.png"
     atomic_write_bytes(png, _overlay_png(px[0].cpu(), maps.cpu(), titles, heading))
     g = maps.size(-1)
     for t, m in zip(titles, maps):
