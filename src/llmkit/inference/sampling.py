@@ -69,9 +69,10 @@ def _row_values(params: list[SamplingParams], attr: str, none: float, device: to
 
 def process_rows(logits: torch.Tensor, params: list[SamplingParams], seen: torch.Tensor | None = None,
                  counts: torch.Tensor | None = None, allowed: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Every row's own settings applied at once to logits (R, V): penalties, logit bias, the constraint mask,
-    temperature, top-k and top-p. Returns (greedy rows (R,) bool, their argmax (R,), probabilities (R, V))."""
+    temperature, top-k and top-p. Returns (greedy rows (R,) bool, their argmax (R,), probabilities (R, V), or
+    None when every row is greedy: the decode loop's common case skips the softmax over the vocabulary)."""
     logits = logits.float()
     R, V = logits.shape
     dev = logits.device
@@ -92,6 +93,8 @@ def process_rows(logits: torch.Tensor, params: list[SamplingParams], seen: torch
     temp = _row_values(params, "temperature", 1.0, dev)
     greedy = temp[:, 0] < 1e-4  # 0 = greedy; below 1e-4 logits / T overflows, and the argmax is the answer
     best = logits.argmax(-1)
+    if bool(greedy.all()):
+        return greedy, best, None
     x = logits / temp.clamp(min=1e-4)
     ks = [p.top_k if p.top_k is not None and p.top_k < V else V for p in params]
     if min(ks) < V:
@@ -131,7 +134,5 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
     seen: (B, V) bool for the repetition penalty; counts: (B, V) generated-token counts for the presence and
     frequency penalties; allowed: (B, V) bool mask of a constrained decoder (structured outputs)."""
-    greedy, best, probs = process_rows(logits, [params] * logits.size(0), seen, counts, allowed)
-    if params.temperature < 1e-4:
-        return best
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    _, best, probs = process_rows(logits, [params] * logits.size(0), seen, counts, allowed)
+    return best if probs is None else torch.multinomial(probs, 1, generator=generator).squeeze(-1)

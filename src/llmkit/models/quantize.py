@@ -13,7 +13,7 @@ from llmkit.tokenizer import Tokenizer
 
 
 def quantize(checkpoint: str, out: str, *, bits: int = 8, group_size: int | None = None,
-             head_bits: int | None = None) -> Path:
+             head_bits: int = 8) -> Path:
     """Quantize every Linear layer's weight to int8 (per output channel) or int4 (grouped, with zero points).
 
     Embeddings and norms stay fp32. The result is a normal checkpoint folder (config.json records the
@@ -35,8 +35,6 @@ def quantize(checkpoint: str, out: str, *, bits: int = 8, group_size: int | None
     if bits == 4 and group_size is None:
         group_size = 32
     check_format(bits, group_size)
-    if head_bits is None:
-        head_bits = 8
     if head_bits not in (4, 8):
         raise LlmkitError(f"--head_bits {head_bits} is not supported; use 8 (the default) or 4")
     folder = resolve_checkpoint(checkpoint)
