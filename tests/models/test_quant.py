@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from llmkit.cli import main
+from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.checkpoint import read_meta, save_checkpoint
 from llmkit.models.config import preset
 from llmkit.models.load import load
-from llmkit.models.quant import QuantLinear, quantize_model
+from llmkit.models.quant import QuantLinear, prepare_quantized, quantize_model
 
 
 def reference_dequant(q: QuantLinear) -> torch.Tensor:
@@ -30,23 +31,74 @@ def reference_dequant(q: QuantLinear) -> torch.Tensor:
     return ints * scale + mins
 
 
-@pytest.mark.parametrize("act", [torch.bfloat16, None])
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
-@pytest.mark.parametrize("rows", [1, 3, 20])  # decode sizes use the int kernels, 20 rows the dequantized GEMM
-def test_quant_linear_matches_dequantized_matmul(bits, group, act, rows):
+needs_kernel = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
+
+
+@pytest.mark.parametrize("act,own", [(torch.bfloat16, False), (None, False),
+                                     pytest.param(None, True, marks=needs_kernel),
+                                     pytest.param(torch.bfloat16, True, marks=needs_kernel)])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 20])  # <= 16 rows: the int kernels; 20: one GEMM
+def test_quant_linear_matches_dequantized_matmul(bits, group, act, own, rows):
     torch.manual_seed(0)
-    lin = nn.Linear(128, 96, bias=True)
+    lin = nn.Linear(256, 96, bias=True)
     q = QuantLinear.from_linear(lin, bits, group)
-    q.prepare(act)
-    x = torch.randn(rows, 128)
+    q.prepare(act, own_kernel=own)
+    assert (q._tiles is not None) == own
+    x = torch.randn(rows, 256)
     want = (x.double() @ reference_dequant(q).T + lin.bias.double()).float()
     got = q(x)
-    # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 fallback: 1e-4
-    tol = 2e-2 if act is not None else 1e-4
+    # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 (llmkit's kernel on fp32
+    # activations for <= 16 rows, a dense fp32 weight otherwise): 1e-5
+    tol = 2e-2 if act is not None and not (own and rows <= 16) else 1e-5
     assert (got - want).abs().max() <= tol * want.abs().max()
     # and the quantization error itself is small against the fp32 layer (int4 groups: ~5-10%)
     full = lin(x)
     assert (got - full).norm() / full.norm() < (0.02 if bits == 8 else 0.12)
+
+
+@needs_kernel
+def test_own_kernel_takes_only_the_shapes_it_tiles():
+    """A layer whose outputs are not a multiple of 4 keeps PyTorch's path, with the same numbers."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 98, bias=False)
+    q = QuantLinear.from_linear(lin, 8, None)
+    q.prepare(None, own_kernel=True)
+    assert q._tiles is None and q._dense is not None
+    x = torch.randn(2, 64)
+    assert torch.allclose(q(x), x @ q.dequantize().T, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_compiled_step_with_own_kernel_equals_eager(bits, group, monkeypatch):
+    """The kernels are custom ops inside torch.compile (aot_eager here, as the other compile tests): the
+    compiled decode step gives eager's greedy tokens and logits."""
+    from llmkit.inference.generate import generate_ids
+    from llmkit.inference.sampling import SamplingParams
+    from llmkit.models import decode_step as ds
+
+    monkeypatch.setattr(ds, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = build_model(preset("llama-tiny", vocab_size=96, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                               block_size=128)).eval()
+    quantize_model(model, bits, group)
+    prepare_quantized(model)
+    assert any(m._tiles is not None for m in model.modules() if isinstance(m, QuantLinear))
+    p = SamplingParams(max_new_tokens=12, temperature=0)
+    eager = [t for t, *_ in generate_ids(model, [[1, 5, 9, 3]], p)]
+    compiled = [t for t, *_ in generate_ids(model, [[1, 5, 9, 3]], p, compile=True)]
+    assert compiled == eager
+
+
+def test_kernel_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("LLMKIT_QUANT_KERNEL", "torch")
+    qkernel._load.cache_clear()
+    try:
+        assert not qkernel.available() and "LLMKIT_QUANT_KERNEL" in qkernel.why_unavailable()
+    finally:
+        monkeypatch.delenv("LLMKIT_QUANT_KERNEL")
+        qkernel._load.cache_clear()
 
 
 def test_int4_pack_round_trip():

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.models import qkernel
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel supports
@@ -124,6 +125,7 @@ class QuantLinear(nn.Module):
         self._act: torch.dtype | None = None
         self._dense: torch.Tensor | None = None  # fp32 fallback weight
         self._kernel: tuple[torch.Tensor, ...] = ()
+        self._tiles: torch.Tensor | None = None  # llmkit's kernel layout
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None) -> QuantLinear:
@@ -146,11 +148,16 @@ class QuantLinear(nn.Module):
         q = unpack_int4(self.qweight).float().reshape(N, K // g, g)
         return (q * self.scales[..., None] + self.mins[..., None]).reshape(N, K)
 
-    def prepare(self, act_dtype: torch.dtype | None) -> None:
-        """Build the runtime form: kernel layouts for bf16 activations, or a dense fp32 weight (act_dtype None)."""
+    def prepare(self, act_dtype: torch.dtype | None, own_kernel: bool = False) -> None:
+        """Build the runtime form. own_kernel: decode-sized inputs run llmkit's tiled kernels (qkernel.py) on
+        fp32 activations, longer ones one dequantized GEMM (bf16 where act_dtype says so, else fp32), and no
+        dense copy is kept. Otherwise: PyTorch's integer kernels on bf16 activations (act_dtype bf16) or a
+        dense fp32 weight (act_dtype None)."""
         self._act = act_dtype
-        self._dense, self._kernel = None, ()
-        if act_dtype is None:
+        self._dense, self._kernel, self._tiles = None, (), None
+        if own_kernel and qkernel.fits(self.out_features, self.in_features, self.bits):
+            self._tiles = (qkernel.tile_int8(self.qweight) if self.bits == 8 else qkernel.tile_int4(self.qweight))
+        elif act_dtype is None:
             self._dense = self.dequantize()
         elif self.bits == 8:
             self._kernel = (self.qweight.contiguous(), self.scales.to(act_dtype))
@@ -162,18 +169,28 @@ class QuantLinear(nn.Module):
             self._kernel = (packed, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._act is None:
+        shape = x.shape
+        if self._tiles is not None:
+            x2 = x.reshape(-1, self.in_features)
+            if x2.size(0) <= DECODE_ROWS:
+                x2 = x2.float()
+                y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
+                     qkernel.int4_mm(x2, self._tiles, self.scales, self.mins, self.group_size))
+            else:  # prefill: one GEMM on the dequantized weight
+                act = self._act or torch.float32
+                y = F.linear(x2.to(act), self.dequantize().to(act))
+        elif self._act is None:
             if self._dense is None:
                 self.prepare(None)
             return F.linear(x, self._dense.to(x.dtype), self.bias)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self._act)
-        if x2.size(0) > DECODE_ROWS:  # prefill: one dequantized bf16 GEMM beats the int kernels (measured)
-            y = F.linear(x2, self.dequantize().to(self._act))
-        elif self.bits == 8:
-            y = torch._weight_int8pack_mm(x2, *self._kernel)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel[0], self.group_size, self._kernel[1])
+            x2 = x.reshape(-1, self.in_features).to(self._act)
+            if x2.size(0) > DECODE_ROWS:  # prefill: one dequantized bf16 GEMM beats the int kernels (measured)
+                y = F.linear(x2, self.dequantize().to(self._act))
+            elif self.bits == 8:
+                y = torch._weight_int8pack_mm(x2, *self._kernel)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel[0], self.group_size, self._kernel[1])
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -237,11 +254,14 @@ def apply_quant_layout(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 def prepare_quantized(model: nn.Module, device: torch.device | str = "cpu") -> torch.dtype | None:
-    """Pick the activation dtype for this machine and build every QuantLinear's runtime form."""
+    """Pick the kernels for this machine and build every QuantLinear's runtime form (docs/inference.md):
+    llmkit's own kernels where they build (x86 with AVX2), PyTorch's integer kernels on bf16 activations
+    where the CPU has bf16, else dense fp32 weights. Returns the activation dtype of the long-input path."""
     act = activation_dtype(device)
+    own = torch.device(device).type == "cpu" and qkernel.available()
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.prepare(act)
+            m.prepare(act, own_kernel=own)
     return act
 
 

@@ -1,0 +1,159 @@
+// llmkit's weight-only quantized matrix products for decode-sized inputs (a few rows), fp32 activations.
+//
+// Why: PyTorch's own int8/int4 CPU kernels want bf16 activations and fall back to scalar loops on a CPU
+// without native bf16; at batch 1 decoding is a stream over the weights, so what matters is reading them at
+// memory speed. The weights are repacked once at load time into tiles of 4 output rows whose 16-column
+// chunks lie side by side, so each thread reads one contiguous stream (row-major int8 reached a third of the
+// bandwidth). The math is exactly the stored format's: int8 w = q * scale[n]; int4 w = q * scale[n, g] +
+// min[n, g], accumulated in fp32. Built by llmkit/models/qkernel.py with g++ -O3 -march=native (AVX2 + FMA).
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "llmkit's quantized kernels need AVX2 and FMA"
+#endif
+
+namespace {
+
+constexpr int NB = 4;   // output rows per tile
+constexpr int CH = 16;  // columns per chunk (int8: 16 bytes; int4: a 32-column block is 16 bytes)
+constexpr int W = 8;    // floats per AVX2 register
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256 load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void load_u4(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+// Rows [m0, m0 + MT) of X against the NB output rows of tile T (at T * NB * K bytes of Q).
+template <int MT>
+void int8_tile(const float* X, const int8_t* T, const float* S, float* Y, int64_t K, int64_t N, int64_t m0,
+               int64_t n) {
+  __m256 acc[NB][MT];
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += CH) {
+    const int8_t* chunk = T + k * NB;  // NB rows x CH bytes
+    _mm_prefetch(reinterpret_cast<const char*>(chunk + 1024), _MM_HINT_T0);
+    for (int h = 0; h < CH; h += W) {
+      __m256 xs[MT];
+      for (int j = 0; j < MT; ++j) xs[j] = _mm256_loadu_ps(X + (m0 + j) * K + k + h);
+      for (int i = 0; i < NB; ++i) {
+        const __m256 w = load_i8(chunk + i * CH + h);
+        for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_fmadd_ps(w, xs[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]) * S[n + i];
+}
+
+// XP: x with each 32-column block's even columns first, then its odd ones (the nibble order of a byte);
+// XS (M, G): per-group sums of x, for the min term.
+template <int MT>
+void int4_tile(const float* XP, const float* XS, const uint8_t* T, const float* SC, const float* MN, float* Y,
+               int64_t K, int64_t N, int64_t g, int64_t m0, int64_t n) {
+  const int64_t G = K / g;
+  __m256 acc[NB][MT];
+  float mins[NB][MT] = {};
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256 part[NB][MT];
+    for (auto& a : part)
+      for (auto& v : a) v = _mm256_setzero_ps();
+    for (int64_t b = gi * g; b < (gi + 1) * g; b += 2 * CH) {
+      const uint8_t* chunk = T + b / 2 * NB;  // NB rows x 16 bytes
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + 1024), _MM_HINT_T0);
+      for (int h = 0; h < CH; h += W) {
+        __m256 xe[MT], xo[MT];
+        for (int j = 0; j < MT; ++j) {
+          xe[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + h);
+          xo[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + CH + h);
+        }
+        for (int i = 0; i < NB; ++i) {
+          __m256 lo, hi;
+          load_u4(chunk + i * CH + h, lo, hi);
+          for (int j = 0; j < MT; ++j) part[i][j] = _mm256_fmadd_ps(hi, xo[j], _mm256_fmadd_ps(lo, xe[j], part[i][j]));
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      const __m256 s = _mm256_set1_ps(SC[(n + i) * G + gi]);
+      const float mn = MN[(n + i) * G + gi];
+      for (int j = 0; j < MT; ++j) {
+        acc[i][j] = _mm256_fmadd_ps(part[i][j], s, acc[i][j]);
+        mins[i][j] += mn * XS[(m0 + j) * G + gi];
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]) + mins[i][j];
+}
+
+// Calls f(MT, m0) over the rows in tiles of at most 4 (the accumulators of a 4 x 4 tile fill the registers).
+template <typename F>
+void over_rows(int64_t M, F f) {
+  for (int64_t m0 = 0; m0 < M;) {
+    switch (M - m0) {
+      case 1: f(std::integral_constant<int, 1>(), m0); m0 += 1; break;
+      case 2: f(std::integral_constant<int, 2>(), m0); m0 += 2; break;
+      case 3: f(std::integral_constant<int, 3>(), m0); m0 += 3; break;
+      default: f(std::integral_constant<int, 4>(), m0); m0 += 4; break;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int llmkit_qmm_abi() { return 1; }
+
+// Y (M, N) = X (M, K) @ (q * S)^T with Q the tiled int8 weight (N/4, K/16, 4, 16). N % 4 == 0, K % 16 == 0.
+void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, N / NB, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      over_rows(M, [&](auto mt, int64_t m0) {
+        int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB);
+      });
+  });
+}
+
+// Y (M, N) = X (M, K) @ (q * SC + MN)^T with P the tiled int4 weight (N/4, K/32, 4, 16 bytes), SC and MN
+// (N, K/g) fp32. N % 4 == 0, g % 32 == 0, K % g == 0.
+void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const float* MN, float* Y, int64_t M,
+                    int64_t K, int64_t N, int64_t g) {
+  const int64_t G = K / g;
+  std::vector<float> xp(M * K), xs(M * G, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = X + m * K;
+    for (int64_t b = 0; b < K; b += 2 * CH)
+      for (int c = 0; c < CH; ++c) {
+        xp[m * K + b + c] = x[b + 2 * c];
+        xp[m * K + b + CH + c] = x[b + 2 * c + 1];
+      }
+    for (int64_t k = 0; k < K; ++k) xs[m * G + k / g] += x[k];
+  }
+  at::parallel_for(0, N / NB, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      over_rows(M, [&](auto mt, int64_t m0) {
+        int4_tile<decltype(mt)::value>(xp.data(), xs.data(), P + t * NB * (K / 2), SC, MN, Y, K, N, g, m0, t * NB);
+      });
+  });
+}
+
+}  // extern "C"

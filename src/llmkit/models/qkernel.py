@@ -1,0 +1,168 @@
+"""llmkit's own int8/int4 matrix products for decode-sized inputs (kernels/qmm.cpp), built on first use.
+
+The C++ file is compiled once per machine with `g++ -O3 -march=native` (about 5 s) into a cache folder
+(`$LLMKIT_CACHE` or ~/.cache/llmkit) and loaded with ctypes; it runs on PyTorch's own thread pool
+(`at::parallel_for`, so `torch.set_num_threads` applies). Where it cannot be built (no g++, a CPU without
+AVX2/FMA, not x86) `available()` says why and the quantized layers keep PyTorch's kernels.
+`LLMKIT_QUANT_KERNEL=torch` turns it off. Inside `torch.compile` the products are custom ops, so the compiled
+decode step calls the same code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from llmkit.io import atomic_file
+
+SOURCE = Path(__file__).with_name("kernels") / "qmm.cpp"
+NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
+ABI = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMKIT_CACHE") or Path.home() / ".cache" / "llmkit") / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build(out: Path) -> None:
+    torch_dir = Path(torch.__file__).parent
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (g++) found")
+    with atomic_file(out) as tmp:
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
+               f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp),
+               f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"g++ failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, '') or (None, why not)."""
+    if os.environ.get("LLMKIT_QUANT_KERNEL", "") == "torch":
+        return None, "LLMKIT_QUANT_KERNEL=torch"
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
+        return None, "the CPU lacks AVX2/FMA"
+    machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(_cpu_flags()))}"  # -march=native: per CPU
+    key = hashlib.sha256(SOURCE.read_bytes() + machine.encode())
+    path = cache_dir() / f"qmm-{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+        if lib.llmkit_qmm_abi() != ABI:
+            raise RuntimeError("stale build")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    P, N = ctypes.c_void_p, ctypes.c_int64
+    lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
+    lib.llmkit_int4_mm.argtypes = [P, P, P, P, P, N, N, N, N]
+    return lib, ""
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def why_unavailable() -> str:
+    return _load()[1]
+
+
+def fits(out_features: int, in_features: int, bits: int) -> bool:
+    """Whether a layer's shape has the kernel's tile layout (4 output rows, 16 or 32 input columns)."""
+    return out_features % NB == 0 and in_features % (CHUNK if bits == 8 else 2 * CHUNK) == 0
+
+
+# ------------------------------------------------------------------------------------------- weight layouts
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> the kernel's (N/4, K/16, 4, 16) tiles: each tile's chunks lie side by side."""
+    N, K = q.shape
+    return q.reshape(N // NB, NB, K // CHUNK, CHUNK).transpose(1, 2).contiguous()
+
+
+def tile_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) packed uint8 (32-column blocks of 16 bytes) -> (N/4, K/32, 4, 16) tiles."""
+    N, H = packed.shape
+    return packed.reshape(N // NB, NB, H // CHUNK, CHUNK).transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------- the products
+
+
+def _int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    M, K = x.shape
+    N = scales.numel()
+    y = torch.empty(M, N, dtype=torch.float32)
+    _load()[0].llmkit_int8_mm(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N)
+    return y
+
+
+def _int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    M, K = x.shape
+    N = scales.size(0)
+    y = torch.empty(M, N, dtype=torch.float32)
+    _load()[0].llmkit_int4_mm(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(),
+                              M, K, N, group_size)
+    return y
+
+
+@torch.library.custom_op("llmkit::int8_mm", mutates_args=())
+def int8_mm_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _int8_mm(x.contiguous(), tiles, scales)
+
+
+@int8_mm_op.register_fake
+def _(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.size(0), scales.numel())
+
+
+@torch.library.custom_op("llmkit::int4_mm", mutates_args=())
+def int4_mm_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)
+
+
+@int4_mm_op.register_fake
+def _(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty(x.size(0), scales.size(0))
+
+
+def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp32 @ (q * scales)^T from `tile_int8` tiles; the direct call when eager."""
+    if torch.compiler.is_compiling():
+        return int8_mm_op(x, tiles, scales)
+    return _int8_mm(x.contiguous(), tiles, scales)
+
+
+def int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+            group_size: int) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp32 @ (q * scales + mins)^T from `tile_int4` tiles."""
+    if torch.compiler.is_compiling():
+        return int4_mm_op(x, tiles, scales, mins, group_size)
+    return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)
