@@ -120,6 +120,24 @@ def test_seeded_sampling_matches_generate(model_tok):
     assert [col.text[i] for i in range(3)] == ref
 
 
+def test_penalised_rows_match_generate(model_tok):
+    """Repetition and presence penalties (the engine keeps each request's seen-token mask and counts across
+    steps) give `generate_text`'s tokens, beside a plain greedy row in the same batch."""
+    model, tok = model_tok
+    params = [SamplingParams(max_new_tokens=30, temperature=0, repetition_penalty=20.0),
+              SamplingParams(max_new_tokens=30, temperature=0),
+              SamplingParams(max_new_tokens=30, temperature=0.8, seed=4, repetition_penalty=1.3, presence_penalty=0.5)]
+    ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(PROMPTS[:3], params)]
+    assert ref[0] != generate_text(model, tok, [PROMPTS[0]], params[1])[0].text  # the penalty changes the text
+    engine = Engine(model, tok, max_batch=4)
+    engine.start()
+    try:
+        col = run_all(engine, tok, PROMPTS[:3], params)
+    finally:
+        engine.stop()
+    assert [col.text[i] for i in range(3)] == ref
+
+
 def test_stop_string_matches_generate(model_tok):
     model, tok = model_tok
     greedy = generate_text(model, tok, [PROMPTS[0]], SamplingParams(max_new_tokens=40, temperature=0))[0].text

@@ -26,6 +26,7 @@ from llmkit.errors import LlmkitError
 from llmkit.inference.generate import generate_ids
 from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.speculative import SpecStats, speculative_greedy
+from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
 from llmkit.models.quant import prepare_quantized, quantize_model
@@ -134,7 +135,9 @@ def _smollm2(quick: bool) -> dict[str, Any]:
                                                     min_new_tokens=new, do_sample=False, pad_token_id=0), 1)
     r: dict[str, Any] = {"name": "decode SmolLM2-135M batch 1", "new_tokens": new, "prompt_tokens": len(prompt),
                          "reference": "transformers generate fp32 (KV cache)",
-                         "reference_tokens_per_s": new / ref_s, "copy_bandwidth_GBps": copy_bandwidth() / 1e9}
+                         "reference_tokens_per_s": new / ref_s, "copy_bandwidth_GBps": copy_bandwidth() / 1e9,
+                         "quant_kernel": "llmkit qmm.cpp" if qkernel.available() else
+                         f"PyTorch's ({qkernel.why_unavailable()})"}
     tokens: dict[str, list] = {}
     for name, m in models.items():
         tps, tokens[name] = decode_tps(m, prompt, new)
@@ -180,6 +183,12 @@ def _smollm2(quick: bool) -> dict[str, Any]:
               "speculative_same_tokens": got == [t for t in plain if t is not None][: len(got)],
               "speculative_accept_rate": stats.accepted / max(stats.drafted, 1)})
     r.update(llama_bench(str(path), torch.get_num_threads(), new))
+    # more llama.cpp formats of the same weights, e.g. LLMKIT_LLAMA_GGUFS="q8_0=/tmp/q8.gguf,f32=/tmp/f32.gguf"
+    # (made with llama.cpp's `llama-quantize --allow-requantize` from the shipped file: the weights llmkit uses)
+    for item in filter(None, os.environ.get("LLMKIT_LLAMA_GGUFS", "").split(",")):
+        label, _, gguf = item.partition("=")
+        for k, v in llama_bench(gguf, torch.get_num_threads(), new).items():
+            r[k.replace("llama_cpp_", f"llama_cpp_{label}_", 1)] = v
     r["targets"] = {"int8_tokens_per_s": 100, "int8_ratio_to_reference": 5, "int4_tokens_per_s": 110,
                     "fp32_tokens_per_s": 45, "prefill512_tokens_per_s": 800, "int8_perplexity_increase_pct": 1,
                     "int4_perplexity_increase_pct": 5}

@@ -131,32 +131,38 @@ def _int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: t
     return y
 
 
-@torch.library.custom_op("llmkit::int8_mm", mutates_args=())
-def int8_mm_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+# Operators for torch.compile, registered with the low-level define/impl API: its Python dispatch costs about
+# 10 us a call against about 45 us for torch.library.custom_op (measured), and a decode step makes ~150 calls.
+torch.library.define("llmkit::int8_mm", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor")
+torch.library.define("llmkit::int4_mm", "(Tensor x, Tensor tiles, Tensor scales, Tensor mins, int group_size) -> Tensor")
+
+
+@torch.library.impl("llmkit::int8_mm", "CPU")
+def _int8_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return _int8_mm(x.contiguous(), tiles, scales)
 
 
-@int8_mm_op.register_fake
-def _(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.size(0), scales.numel())
-
-
-@torch.library.custom_op("llmkit::int4_mm", mutates_args=())
-def int4_mm_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-               group_size: int) -> torch.Tensor:
+@torch.library.impl("llmkit::int4_mm", "CPU")
+def _int4_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
     return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)
 
 
-@int4_mm_op.register_fake
-def _(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-      group_size: int) -> torch.Tensor:
+@torch.library.register_fake("llmkit::int8_mm")
+def _int8_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.size(0), scales.numel())
+
+
+@torch.library.register_fake("llmkit::int4_mm")
+def _int4_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
     return x.new_empty(x.size(0), scales.size(0))
 
 
 def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """y (M, N) = x (M, K) fp32 @ (q * scales)^T from `tile_int8` tiles; the direct call when eager."""
     if torch.compiler.is_compiling():
-        return int8_mm_op(x, tiles, scales)
+        return torch.ops.llmkit.int8_mm(x, tiles, scales)
     return _int8_mm(x.contiguous(), tiles, scales)
 
 
@@ -164,5 +170,5 @@ def int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: to
             group_size: int) -> torch.Tensor:
     """y (M, N) = x (M, K) fp32 @ (q * scales + mins)^T from `tile_int4` tiles."""
     if torch.compiler.is_compiling():
-        return int4_mm_op(x, tiles, scales, mins, group_size)
+        return torch.ops.llmkit.int4_mm(x, tiles, scales, mins, group_size)
     return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)

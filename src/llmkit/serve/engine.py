@@ -91,6 +91,7 @@ class GenRequest:
     budget: int = 0
     stream: TextStream | None = None
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for presence/frequency penalties
+    seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for the repetition penalty
 
 
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
@@ -412,9 +413,11 @@ class Engine:
         V = logits.size(-1)
         seen = counts = allowed = None
         if any(r.params.repetition_penalty != 1.0 for r in sub):
-            seen = torch.zeros(len(sub), V, dtype=torch.bool)
-            for j, r in enumerate(sub):
-                seen[j, r.prompt_ids + r.out_ids] = True  # rows with penalty 1 are unchanged by it
+            for r in sub:  # built once per request, then one entry per token in _accept (not O(length) a step)
+                if r.seen is None:
+                    r.seen = torch.zeros(V, dtype=torch.bool)
+                    r.seen[r.prompt_ids + r.out_ids] = True
+            seen = torch.stack([r.seen for r in sub])  # rows with penalty 1 are unchanged by it
         for r in sub:
             if r.params.needs_counts and r.counts is None:
                 r.counts = torch.zeros(V)
@@ -448,6 +451,8 @@ class Engine:
         req.next_token = tok
         if req.counts is not None:
             req.counts[tok] += 1
+        if req.seen is not None:
+            req.seen[tok] = True
         if req.constraint is not None:
             req.constraint.advance(tok)
         delta = req.stream.push(tok)

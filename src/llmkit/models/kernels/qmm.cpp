@@ -4,11 +4,12 @@
 // without native bf16; at batch 1 decoding is a stream over the weights, so what matters is reading them at
 // memory speed. The weights are repacked once at load time into tiles of 4 output rows whose 16-column
 // chunks lie side by side, so each thread reads one contiguous stream (row-major int8 reached a third of the
-// bandwidth). The math is exactly the stored format's: int8 w = q * scale[n]; int4 w = q * scale[n, g] +
-// min[n, g], accumulated in fp32. Built by llmkit/models/qkernel.py with g++ -O3 -march=native (AVX2 + FMA).
+// bandwidth). The math is the stored format's: int8 w = q * scale[n]; int4 w = q * scale[n, g] + min[n, g],
+// accumulated in fp32. Built by llmkit/models/qkernel.py with g++ -O3 -march=native (AVX2 + FMA).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -22,6 +23,9 @@ namespace {
 constexpr int NB = 4;   // output rows per tile
 constexpr int CH = 16;  // columns per chunk (int8: 16 bytes; int4: a 32-column block is 16 bytes)
 constexpr int W = 8;    // floats per AVX2 register
+// A thread's share is at least this many weight bytes: below ~128 KB one thread beats waking a second one
+// (measured: a 192 x 576 int8 layer took 10 us on 1 thread and 15 us on 2).
+constexpr int64_t MIN_BYTES = 128 * 1024;
 
 inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -38,11 +42,14 @@ inline void load_u4(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-// Rows [m0, m0 + MT) of X against the NB output rows of tile T (at T * NB * K bytes of Q).
-template <int MT>
-void int8_tile(const float* X, const int8_t* T, const float* S, float* Y, int64_t K, int64_t N, int64_t m0,
-               int64_t n) {
-  __m256 acc[NB][MT];
+// AVX2 has 16 vector registers: a pass keeps NR x MT accumulators plus the MT rows of x in registers, so
+// passes over more rows of x cover fewer of the tile's 4 output rows (the rest re-read the tile from L1).
+
+// Rows [m0, m0 + MT) of X against output rows [i0, i0 + NR) of the tile T (output rows n.. of Y).
+template <int NR, int MT>
+void int8_pass(const float* X, const int8_t* T, const float* S, float* Y, int64_t K, int64_t N, int64_t m0,
+               int64_t n, int i0) {
+  __m256 acc[NR][MT];
   for (auto& a : acc)
     for (auto& v : a) v = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += CH) {
@@ -51,57 +58,63 @@ void int8_tile(const float* X, const int8_t* T, const float* S, float* Y, int64_
     for (int h = 0; h < CH; h += W) {
       __m256 xs[MT];
       for (int j = 0; j < MT; ++j) xs[j] = _mm256_loadu_ps(X + (m0 + j) * K + k + h);
-      for (int i = 0; i < NB; ++i) {
-        const __m256 w = load_i8(chunk + i * CH + h);
+      for (int i = 0; i < NR; ++i) {
+        const __m256 w = load_i8(chunk + (i0 + i) * CH + h);
         for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_fmadd_ps(w, xs[j], acc[i][j]);
       }
     }
   }
-  for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]) * S[n + i];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i0 + i] = hsum(acc[i][j]) * S[n + i0 + i];
 }
 
-// XP: x with each 32-column block's even columns first, then its odd ones (the nibble order of a byte);
-// XS (M, G): per-group sums of x, for the min term.
 template <int MT>
-void int4_tile(const float* XP, const float* XS, const uint8_t* T, const float* SC, const float* MN, float* Y,
-               int64_t K, int64_t N, int64_t g, int64_t m0, int64_t n) {
+void int8_tile(const float* X, const int8_t* T, const float* S, float* Y, int64_t K, int64_t N, int64_t m0,
+               int64_t n) {
+  constexpr int NR = MT <= 2 ? 4 : 2;
+  for (int i0 = 0; i0 < NB; i0 += NR) int8_pass<NR, MT>(X, T, S, Y, K, N, m0, n, i0);
+}
+
+// int4: each 32-column block of a row is 16 bytes, column 2c in the low nibble of byte c and 2c+1 in the high
+// one. XP is x with each block's even columns first, then its odd ones, so a nibble meets its x without a
+// shuffle. The weight is dequantized in registers exactly as stored (q * scale + min, one fma), then used.
+template <int NR, int MT>
+void int4_pass(const float* XP, const uint8_t* T, const float* SC, const float* MN, float* Y, int64_t K,
+               int64_t N, int64_t g, int64_t m0, int64_t n, int i0) {
   const int64_t G = K / g;
-  __m256 acc[NB][MT];
-  float mins[NB][MT] = {};
+  __m256 acc[NR][MT];
   for (auto& a : acc)
     for (auto& v : a) v = _mm256_setzero_ps();
-  for (int64_t gi = 0; gi < G; ++gi) {
-    __m256 part[NB][MT];
-    for (auto& a : part)
-      for (auto& v : a) v = _mm256_setzero_ps();
-    for (int64_t b = gi * g; b < (gi + 1) * g; b += 2 * CH) {
-      const uint8_t* chunk = T + b / 2 * NB;  // NB rows x 16 bytes
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + 1024), _MM_HINT_T0);
-      for (int h = 0; h < CH; h += W) {
-        __m256 xe[MT], xo[MT];
-        for (int j = 0; j < MT; ++j) {
-          xe[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + h);
-          xo[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + CH + h);
-        }
-        for (int i = 0; i < NB; ++i) {
-          __m256 lo, hi;
-          load_u4(chunk + i * CH + h, lo, hi);
-          for (int j = 0; j < MT; ++j) part[i][j] = _mm256_fmadd_ps(hi, xo[j], _mm256_fmadd_ps(lo, xe[j], part[i][j]));
-        }
-      }
-    }
-    for (int i = 0; i < NB; ++i) {
-      const __m256 s = _mm256_set1_ps(SC[(n + i) * G + gi]);
-      const float mn = MN[(n + i) * G + gi];
+  for (int64_t b = 0; b < K; b += 2 * CH) {
+    const int64_t gi = b / g;
+    const uint8_t* chunk = T + b / 2 * NB;  // NB rows x 16 bytes
+    _mm_prefetch(reinterpret_cast<const char*>(chunk + 1024), _MM_HINT_T0);
+    for (int h = 0; h < CH; h += W) {
+      __m256 xe[MT], xo[MT];
       for (int j = 0; j < MT; ++j) {
-        acc[i][j] = _mm256_fmadd_ps(part[i][j], s, acc[i][j]);
-        mins[i][j] += mn * XS[(m0 + j) * G + gi];
+        xe[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + h);
+        xo[j] = _mm256_loadu_ps(XP + (m0 + j) * K + b + CH + h);
+      }
+      for (int i = 0; i < NR; ++i) {
+        const int64_t row = n + i0 + i;
+        const __m256 s = _mm256_set1_ps(SC[row * G + gi]), mn = _mm256_set1_ps(MN[row * G + gi]);
+        __m256 lo, hi;
+        load_u4(chunk + (i0 + i) * CH + h, lo, hi);
+        lo = _mm256_fmadd_ps(lo, s, mn);
+        hi = _mm256_fmadd_ps(hi, s, mn);
+        for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_fmadd_ps(hi, xo[j], _mm256_fmadd_ps(lo, xe[j], acc[i][j]));
       }
     }
   }
-  for (int i = 0; i < NB; ++i)
-    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]) + mins[i][j];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i0 + i] = hsum(acc[i][j]);
+}
+
+template <int MT>
+void int4_tile(const float* XP, const uint8_t* T, const float* SC, const float* MN, float* Y, int64_t K,
+               int64_t N, int64_t g, int64_t m0, int64_t n) {
+  constexpr int NR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
+  for (int i0 = 0; i0 < NB; i0 += NR) int4_pass<NR, MT>(XP, T, SC, MN, Y, K, N, g, m0, n, i0);
 }
 
 // Calls f(MT, m0) over the rows in tiles of at most 4 (the accumulators of a 4 x 4 tile fill the registers).
@@ -125,7 +138,7 @@ int llmkit_qmm_abi() { return 1; }
 
 // Y (M, N) = X (M, K) @ (q * S)^T with Q the tiled int8 weight (N/4, K/16, 4, 16). N % 4 == 0, K % 16 == 0.
 void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, N / NB, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, N / NB, std::max<int64_t>(1, MIN_BYTES / (NB * K)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       over_rows(M, [&](auto mt, int64_t m0) {
         int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB);
@@ -137,8 +150,7 @@ void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, i
 // (N, K/g) fp32. N % 4 == 0, g % 32 == 0, K % g == 0.
 void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const float* MN, float* Y, int64_t M,
                     int64_t K, int64_t N, int64_t g) {
-  const int64_t G = K / g;
-  std::vector<float> xp(M * K), xs(M * G, 0.0f);
+  std::vector<float> xp(M * K);
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * K;
     for (int64_t b = 0; b < K; b += 2 * CH)
@@ -146,12 +158,11 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const flo
         xp[m * K + b + c] = x[b + 2 * c];
         xp[m * K + b + CH + c] = x[b + 2 * c + 1];
       }
-    for (int64_t k = 0; k < K; ++k) xs[m * G + k / g] += x[k];
   }
-  at::parallel_for(0, N / NB, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, N / NB, std::max<int64_t>(1, 2 * MIN_BYTES / (NB * K)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       over_rows(M, [&](auto mt, int64_t m0) {
-        int4_tile<decltype(mt)::value>(xp.data(), xs.data(), P + t * NB * (K / 2), SC, MN, Y, K, N, g, m0, t * NB);
+        int4_tile<decltype(mt)::value>(xp.data(), P + t * NB * (K / 2), SC, MN, Y, K, N, g, m0, t * NB);
       });
   });
 }
