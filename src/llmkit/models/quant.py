@@ -4,11 +4,12 @@ Stored format (safetensors beside the fp32 tensors it replaces, recorded in conf
 - int8: `qweight` int8 (N, K), `scales` fp32 (N,): w = qweight * scale (symmetric, per output row);
 - int4: `qweight` uint8 (N, K/2) with column 2j in the low nibble and 2j+1 in the high one, `scales` and
   `mins` fp32 (N, K/g): w = q * scale + min within each group of g input columns (asymmetric, like GGUF Q4_1).
-At load time each layer picks its kernel (see docs/inference.md for the measurements): decode-sized
-inputs (<= 16 rows) run `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` on bf16
-activations; longer inputs (prefill) dequantize the weight to bf16 and use one GEMM; on a CPU without
-bf16 (or on another device) the weights are dequantized once to fp32, since the int kernels fall back to
-scalar loops there. The math of the stored weights is the same in every path.
+At load time each layer picks its kernel (measurements in docs/inference.md): decode-sized inputs (<= 16 rows)
+run llmkit's own tiled kernels on fp32 activations where they build (qkernel.py, x86 with AVX2), else
+`torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` on bf16 activations where the CPU has bf16;
+longer inputs (prefill) dequantize the weight for one GEMM (bf16 where the CPU has it); with neither kernel
+(or on another device) the weights are dequantized once to fp32. The math of the stored weights is the same
+in every path.
 """
 
 from __future__ import annotations
