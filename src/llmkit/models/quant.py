@@ -1,4 +1,4 @@
-"""Weight-only quantization: int8 per output channel and int4 in groups, run by PyTorch's own CPU kernels.
+"""Weight-only quantization: int8 per output channel and int4 in groups, run by llmkit's or PyTorch's CPU kernels.
 
 Stored format (safetensors beside the fp32 tensors it replaces, recorded in config.json "quantization"):
 - int8: `qweight` int8 (N, K), `scales` fp32 (N,): w = qweight * scale (symmetric, per output row);
