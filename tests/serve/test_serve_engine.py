@@ -79,6 +79,17 @@ def run_all(engine: Engine, tok, prompts: list[str], params: list[SamplingParams
     return col
 
 
+def engine_texts(model, tok, prompts: list[str], params: list[SamplingParams], max_batch: int = 4) -> list[str]:
+    """The texts of `prompts` served together by a fresh engine, in prompt order."""
+    engine = Engine(model, tok, max_batch=max_batch)
+    engine.start()
+    try:
+        col = run_all(engine, tok, prompts, params)
+    finally:
+        engine.stop()
+    return [col.text[i] for i in range(len(prompts))]
+
+
 def test_greedy_matches_generate_with_joins_compaction_and_shift(small_model):
     """Greedy text and finish reasons equal `generate_text` (one prompt at a time) although requests share
     a 3-slot batch, join while others run, and the slot cache is compacted and shifted right."""
@@ -111,13 +122,7 @@ def test_seeded_sampling_matches_generate(model_tok):
     model, tok = model_tok
     params = [SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=s) for s in (1, 2, 3)]
     ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(PROMPTS[:3], params)]
-    engine = Engine(model, tok, max_batch=4)
-    engine.start()
-    try:
-        col = run_all(engine, tok, PROMPTS[:3], params)
-    finally:
-        engine.stop()
-    assert [col.text[i] for i in range(3)] == ref
+    assert engine_texts(model, tok, PROMPTS[:3], params) == ref
 
 
 def test_penalised_rows_match_generate(model_tok):
@@ -129,13 +134,7 @@ def test_penalised_rows_match_generate(model_tok):
               SamplingParams(max_new_tokens=30, temperature=0.8, seed=4, repetition_penalty=1.3, presence_penalty=0.5)]
     ref = [generate_text(model, tok, [p], sp)[0].text for p, sp in zip(PROMPTS[:3], params)]
     assert ref[0] != generate_text(model, tok, [PROMPTS[0]], params[1])[0].text  # the penalty changes the text
-    engine = Engine(model, tok, max_batch=4)
-    engine.start()
-    try:
-        col = run_all(engine, tok, PROMPTS[:3], params)
-    finally:
-        engine.stop()
-    assert [col.text[i] for i in range(3)] == ref
+    assert engine_texts(model, tok, PROMPTS[:3], params) == ref
 
 
 def test_stop_string_matches_generate(model_tok):

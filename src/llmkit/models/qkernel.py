@@ -33,15 +33,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMKIT_CACHE") or Path.home() / ".cache" / "llmkit") / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return frozenset()
+    flags: set[str] = set()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return frozenset(flags)
 
 
 def _build(out: Path) -> None:
@@ -63,9 +66,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     """(library, '') or (None, why not)."""
     if os.environ.get("LLMKIT_QUANT_KERNEL", "") == "torch":
         return None, "LLMKIT_QUANT_KERNEL=torch"
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         return None, "the CPU lacks AVX2/FMA"
-    machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(_cpu_flags()))}"  # -march=native: per CPU
+    machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(cpu_flags()))}"  # -march=native: per CPU
     key = hashlib.sha256(SOURCE.read_bytes() + machine.encode())
     path = cache_dir() / f"qmm-{key.hexdigest()[:16]}.so"
     try:

@@ -14,9 +14,7 @@ in every path.
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,18 +29,9 @@ GROUP_SIZES = (32, 64, 128, 256)  # what the int4 CPU kernel supports
 DECODE_ROWS = 16  # up to this many rows the int kernels win; above, one dequantized GEMM (measured)
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16), read from /proc/cpuinfo."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(qkernel.cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def activation_dtype(device: torch.device | str = "cpu") -> torch.dtype | None:
@@ -170,28 +159,23 @@ class QuantLinear(nn.Module):
             self._kernel = (packed, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if self._tiles is not None:
-            x2 = x.reshape(-1, self.in_features)
-            if x2.size(0) <= DECODE_ROWS:
-                x2 = x2.float()
-                y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
-                     qkernel.int4_mm(x2, self._tiles, self.scales, self.mins, self.group_size))
-            else:  # prefill: one GEMM on the dequantized weight
-                act = self._act or torch.float32
-                y = F.linear(x2.to(act), self.dequantize().to(act))
-        elif self._act is None:
+        if self._tiles is None and self._act is None:
             if self._dense is None:
                 self.prepare(None)
             return F.linear(x, self._dense.to(x.dtype), self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.size(0) > DECODE_ROWS:  # prefill: one GEMM on the dequantized weight beats the int kernels (measured)
+            act = self._act or torch.float32
+            y = F.linear(x2.to(act), self.dequantize().to(act))
+        elif self._tiles is not None:  # llmkit's kernels, fp32 activations
+            x2 = x2.float()
+            y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
+                 qkernel.int4_mm(x2, self._tiles, self.scales, self.mins, self.group_size))
+        elif self.bits == 8:
+            y = torch._weight_int8pack_mm(x2.to(self._act), *self._kernel)
         else:
-            x2 = x.reshape(-1, self.in_features).to(self._act)
-            if x2.size(0) > DECODE_ROWS:  # prefill: one dequantized bf16 GEMM beats the int kernels (measured)
-                y = F.linear(x2, self.dequantize().to(self._act))
-            elif self.bits == 8:
-                y = torch._weight_int8pack_mm(x2, *self._kernel)
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(x2, self._kernel[0], self.group_size, self._kernel[1])
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(self._act), self._kernel[0], self.group_size, self._kernel[1])
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
