@@ -58,7 +58,8 @@ def _build(out: Path) -> None:
                f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            raise RuntimeError(f"g++ failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            last = (r.stderr.strip().splitlines() or [""])[-1][:200]
+            raise RuntimeError(f"{Path(cxx).name} exited with {r.returncode}" + (f": {last}" if last else ""))
 
 
 @functools.cache
