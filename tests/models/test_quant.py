@@ -79,6 +79,7 @@ def test_compiled_step_with_own_kernel_equals_eager(bits, group, monkeypatch):
     from llmkit.models import decode_step as ds
 
     monkeypatch.setattr(ds, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("LLMKIT_NATIVE_STEP", "0")  # the Python step, compiled (native_step.py has its own tests)
     torch.manual_seed(0)
     model = build_model(preset("llama-tiny", vocab_size=96, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
                                block_size=128)).eval()

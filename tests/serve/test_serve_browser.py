@@ -43,8 +43,11 @@ def test_playground_streams_a_chat_reply(tiny_ckpt):
             key.send_keys("browser-key")
             drv.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
             wait.until(lambda d: "gpt2-tiny" in d.find_element(By.ID, "model").text)
-            drv.execute_script("const m = document.getElementById('max_tokens'); m.value = 40;"
-                               "m.dispatchEvent(new Event('input'));")
+            # greedy, so the reply of the random model is the same every run (sampling at the page's 0.7 could
+            # draw the stop token or a lone partial UTF-8 byte first, a reply of one piece)
+            drv.execute_script("for (const [id, v] of [['max_tokens', 40], ['temperature', 0]]) {"
+                               "  const m = document.getElementById(id); m.value = v;"
+                               "  m.dispatchEvent(new Event('input')); }")
             # record every text the reply shows, to prove it grew in several steps (streamed, not all at once)
             drv.execute_script("""
                 window.seen = [];

@@ -11,9 +11,12 @@ import torch
 from llmkit.inference.embed import mean_pool_embeddings
 from llmkit.inference.generate import generate_text
 from llmkit.inference.sampling import SamplingParams
+from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
 from llmkit.models.load import load
+from llmkit.models.native_step import native_step, why_not
+from llmkit.models.quant import prepare_quantized, quantize_model
 from llmkit.serve.engine import Engine, TokenEvent, new_request
 
 PROMPTS = ["In the beginning", "And God said, Let there be light", "Jesus wept", "a",
@@ -27,13 +30,26 @@ def model_tok(tiny_ckpt):
     return load(tiny_ckpt)
 
 
-@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny", "llama-tiny-int8"])
 def small_model(request, bpe_tokenizer):
     """A 2-layer model with a 48-token context, so the slot cache (96 positions) is compacted often.
-    llama-tiny covers RoPE and grouped-query attention with per-row positions."""
+    llama-tiny covers RoPE and grouped-query attention with per-row positions; its int8 form decodes with
+    the native step (models/native_step.py) where llmkit's kernels build."""
     torch.manual_seed(0)
-    cfg = preset(request.param, vocab_size=bpe_tokenizer.vocab_size, block_size=48, n_layer=2)
-    return build_model(cfg).eval(), bpe_tokenizer
+    name, _, quant = request.param.partition("-int")
+    cfg = preset(name, vocab_size=bpe_tokenizer.vocab_size, block_size=48, n_layer=2)
+    model = build_model(cfg).eval()
+    if quant:
+        # weights of unit gain, not the 0.02 init: peaked logits, so greedy ties (which the native and Python
+        # paths may break differently, ~1e-6 apart) do not decide the text
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 1.5 * p.size(1) ** -0.5)
+        quantize_model(model, int(quant), None)
+        prepare_quantized(model)
+        assert native_step(model, 1) is not None or not qkernel.available(), why_not(model)
+    return model, bpe_tokenizer
 
 
 class Collector:
@@ -238,10 +254,14 @@ def test_engine_chunks_and_batches_prefills(small_model):
 
 def test_prefill_chunk_follows_measured_time(small_model):
     """Unfixed chunks aim at CHUNK_STEPS decode steps of time, moving at most 2x per chunk, never below 8."""
+    from llmkit.models.native_step import MAX_ROWS
     from llmkit.serve.engine import CHUNK_STEPS
 
     model, tok = small_model
     engine = Engine(model, tok, max_batch=2)
+    if engine._native is not None:  # chunks stay decode-sized (<= MAX_ROWS tokens in all): one native call each
+        assert engine._chunk_len(1) == MAX_ROWS and engine._chunk_len(2) == MAX_ROWS // 2
+        engine._native = None  # the time-based rule below applies to the Python path
     assert engine._chunk_len(1) == 32 and engine._chunk_len(2) == 16  # before anything is measured
     engine._step_s = 0.1
     engine._adapt_chunk(100, CHUNK_STEPS * 0.1)  # on target: unchanged

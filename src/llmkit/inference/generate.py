@@ -22,6 +22,7 @@ from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.inference.speculative import speculative_greedy
 from llmkit.models.decode_step import StaticKVCache, bucket, check_compiler, step_fn
 from llmkit.models.load import load
+from llmkit.models.native_step import native_step
 from llmkit.tokenizer import Tokenizer
 
 
@@ -93,9 +94,9 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
         seen.scatter_(1, idx, mask.bool())
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    static = compile and use_cache and model.cfg.arch == "decoder"
+    static = use_cache and model.cfg.arch == "decoder" and (compile or native_step(model, B) is not None)
     if static:
-        step_call = step_fn(model, compile=True)
+        step_call = step_fn(model, compile, B)
         cache = StaticKVCache(model.cfg, B, bucket(idx.size(1) + budget), device, model.tok_emb.weight.dtype)
     else:
         cache = model.new_cache(B, idx.size(1) + budget) if use_cache else None

@@ -18,6 +18,7 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.models.kv_cache import KVCache
+from llmkit.models.native_step import MAX_ROWS, native_step
 
 
 def rewind(cache: KVCache, n: int) -> None:
@@ -119,6 +120,7 @@ def speculative_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int,
     max_len = n_prompt + budget + k + 1
     device = next(model.parameters()).device
     cache = model.new_cache(1, max_len, bounded=False)  # rewinding needs full-length buffers, not rings
+    native = native_step(model, 1)  # verification in one C++ call where it applies (models/native_step.py)
     drafter = NgramDraft(max_ngram) if draft is None else ModelDraft(draft, max_len)
     drafter.extend(prompt)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True).logits[0, -1]
@@ -137,7 +139,12 @@ def speculative_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int,
         guess = drafter.propose(min(k, budget - produced - 1)) if budget - produced > 1 else []
         x = torch.tensor([[last] + guess], device=device)
         base = cache.pos
-        logits = model(x, cache=cache).logits[0]  # (1 + len(guess), V)
+        if native is not None and x.size(1) <= MAX_ROWS:  # the same numbers as plain greedy's native step
+            pos = torch.arange(base, base + x.size(1))[None]
+            logits = native.run(x, pos, cache.k, cache.v, cache.valid, base)[0]
+            cache.pos += x.size(1)
+        else:
+            logits = model(x, cache=cache).logits[0]  # (1 + len(guess), V)
         target = logits.argmax(-1).tolist()
         m = 0
         while m < len(guess) and guess[m] == target[m]:

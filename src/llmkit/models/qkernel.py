@@ -1,6 +1,7 @@
-"""llmkit's own int8/int4 matrix products for decode-sized inputs (kernels/qmm.cpp), built on first use.
+"""llmkit's own int8/int4 matrix products for decode-sized inputs (kernels/qmm.cpp), built on first use,
+with the one-call decode step that uses them (kernels/step.cpp, driven by models/native_step.py).
 
-The C++ file is compiled once per machine with `g++ -O3 -march=native` (about 5 s) into a cache folder
+The C++ files are compiled once per machine with `g++ -O3 -march=native` (about 5 s) into a cache folder
 (`$LLMKIT_CACHE` or ~/.cache/llmkit) and loaded with ctypes; it runs on PyTorch's own thread pool
 (`at::parallel_for`, so `torch.set_num_threads` applies). Where it cannot be built (no g++, a CPU without
 AVX2/FMA, not x86) `available()` says why and the quantized layers keep PyTorch's kernels.
@@ -24,7 +25,8 @@ import torch
 
 from llmkit.io import atomic_file
 
-SOURCE = Path(__file__).with_name("kernels") / "qmm.cpp"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
 ABI = 1
 
@@ -54,7 +56,7 @@ def _build(out: Path) -> None:
         raise RuntimeError("no C++ compiler (g++) found")
     with atomic_file(out) as tmp:
         cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
-               f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp),
+               f"-I{torch_dir / 'include'}", *map(str, SOURCES), "-o", str(tmp),
                f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -70,19 +72,21 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         return None, "the CPU lacks AVX2/FMA"
     machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(cpu_flags()))}"  # -march=native: per CPU
-    key = hashlib.sha256(SOURCE.read_bytes() + machine.encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + machine.encode())
     path = cache_dir() / f"qmm-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
-        if lib.llmkit_qmm_abi() != ABI:
+        if lib.llmkit_qmm_abi() != ABI or lib.llmkit_step_abi() != ABI:
             raise RuntimeError("stale build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
     P, N = ctypes.c_void_p, ctypes.c_int64
     lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, P, N, N, N, N]
+    F = ctypes.c_float
+    lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P]
     return lib, ""
 
 

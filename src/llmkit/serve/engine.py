@@ -34,6 +34,7 @@ from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_rows
 from llmkit.models.kv_cache import KVCache
+from llmkit.models.native_step import MAX_ROWS, native_step
 from llmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("llmkit.serve")
@@ -115,6 +116,7 @@ class Engine:
         self.device = next(model.parameters()).device
         slack = max(16, self.block_size // 2)  # positions the shared window can advance between compactions
         self.cache: KVCache = model.new_cache(max_batch, self.block_size + slack, bounded=False)  # rows shift in place
+        self._native = native_step(model, 1)  # the one-call decode step where it applies (models/native_step.py)
         self.slots: list[GenRequest | None] = [None] * max_batch
         self.pending: queue.SimpleQueue[GenRequest | Callable[[], None]] = queue.SimpleQueue()
         self.on_step = on_step  # metrics hook: (tokens produced this step, seconds)
@@ -286,7 +288,9 @@ class Engine:
         decode steps (a running stream's gap is then about 1 + CHUNK_STEPS times its usual gap)."""
         if self.prefill_chunk is not None:
             return self.prefill_chunk
-        return max(1, (self._chunk_tokens or 32) // rows)
+        n = max(1, (self._chunk_tokens or 32) // rows)
+        # with the native step, chunks stay decode-sized: a dequantizing GEMM has a fixed cost of several steps
+        return min(n, MAX_ROWS // rows) if self._native is not None and rows <= MAX_ROWS else n
 
     def _adapt_chunk(self, tokens: int, seconds: float) -> None:
         """Scale the chunk toward CHUNK_STEPS decode steps of time. A chunk's cost is not proportional to its
@@ -303,8 +307,14 @@ class Engine:
         end = T if self.n_running == 0 else min(T, job.done + self._chunk_len(len(job.reqs)))
         t0 = time.perf_counter()
         sl = slice(job.done, end)
-        logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
-                            cache=job.cache, last_only=True).logits[:, -1]  # (rows, V)
+        if self._native is not None and self.n_running and len(job.reqs) * (end - job.done) <= MAX_ROWS:
+            c = job.cache
+            logits = self._native.run(job.idx[:, sl], job.pos[:, sl], c.k, c.v, c.valid, c.pos,
+                                      job.mask[:, sl].bool())[:, -1]
+            c.pos = end
+        else:
+            logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
+                                cache=job.cache, last_only=True).logits[:, -1]  # (rows, V)
         if self.n_running and end < T:  # a full chunk beside running streams (the last one is a remainder)
             self._adapt_chunk((end - job.done) * len(job.reqs), time.perf_counter() - t0)
         self.stats["prefill_chunks"] += 1
@@ -377,15 +387,19 @@ class Engine:
         tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
         pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
         mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
-        # a view of rows [0, hi) and buffer positions [lo, L): everything left of lo is stale for every row,
-        # so attention only spans the longest active sequence (+1), not the whole buffer
-        lo = c.pos - max(r.n_cached for r in rows if r is not None)
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = [k[:hi, :, lo:] for k in c.k], [v[:hi, :, lo:] for v in c.v]
-        view.valid, view.pos, view.max_len = c.valid[:hi, lo:], c.pos - lo, c.max_len - lo
-        view.memory, view.memory_mask, view.cross_kv = None, None, {}
-        logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
-        c.pos = view.pos + lo
+        if self._native is not None and hi <= MAX_ROWS:  # writes at c.pos, attends only to valid keys
+            logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, mask[:, 0].bool())
+            c.pos += 1
+        else:
+            # a view of rows [0, hi) and buffer positions [lo, L): everything left of lo is stale for every row,
+            # so attention only spans the longest active sequence (+1), not the whole buffer
+            lo = c.pos - max(r.n_cached for r in rows if r is not None)
+            view = KVCache.__new__(KVCache)
+            view.k, view.v = [k[:hi, :, lo:] for k in c.k], [v[:hi, :, lo:] for v in c.v]
+            view.valid, view.pos, view.max_len = c.valid[:hi, lo:], c.pos - lo, c.max_len - lo
+            view.memory, view.memory_mask, view.cross_kv = None, None, {}
+            logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
+            c.pos = view.pos + lo
         self.stats["steps"] += 1
         dt = time.perf_counter() - t0
         self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt

@@ -1,0 +1,213 @@
+// llmkit's decode step for Llama-shaped decoders with int8/int4 weights: a few new tokens per row, one C++ call.
+//
+// Why: at batch 1 the weights of SmolLM2-135M stream through qmm.cpp's kernels in ~7 ms a token, but the
+// Python step around them (30 layers of norms, RoPE, cache writes, SDPA and ~150 operator dispatches) cost
+// as much again, compiled or not. This file runs the same math as models/transformer.py's pre-norm block
+// (RMSNorm -> fused qkv -> RoPE -> grouped-query attention -> o-proj -> residual -> RMSNorm -> SwiGLU ->
+// residual), in fp32, with the weight products done by qmm.cpp. Attention reads only the cached keys up to
+// the write position. Built with qmm.cpp into one library by llmkit/models/qkernel.py.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N);
+void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const float* MN, float* Y, int64_t M,
+                    int64_t K, int64_t N, int64_t g);
+}
+
+namespace {
+
+// One quantized Linear in qmm.cpp's tile layout (mirrored by ctypes in models/native_step.py).
+struct Lin {
+  int64_t bits, N, K, g;
+  const void* w;      // tiles
+  const float* s;     // scales: (N,) for int8, (N, K/g) for int4
+  const float* mn;    // int4 mins (N, K/g), else null
+  const float* bias;  // (N,) or null
+};
+
+void linear(const Lin& L, const float* x, float* y, int64_t M) {
+  if (L.bits == 8)
+    llmkit_int8_mm(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N);
+  else
+    llmkit_int4_mm(x, static_cast<const uint8_t*>(L.w), L.s, L.mn, y, M, L.K, L.N, L.g);
+  if (L.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < L.N; ++n) y[m * L.N + n] += L.bias[n];
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, per row (torch.nn.RMSNorm)
+void rmsnorm(const float* x, const float* w, float* y, int64_t M, int64_t C, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * C;
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; ++c) ss += r[c] * r[c];
+    const float inv = 1.f / std::sqrt(ss / C + eps);
+    for (int64_t c = 0; c < C; ++c) y[m * C + c] = r[c] * inv * w[c];
+  }
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x * cos + rotate_half(x) * sin over one head, rotate_half(x1, x2) = (-x2, x1)
+void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t h2 = hd / 2;
+  for (int64_t i = 0; i < h2; ++i) {
+    const float a = x[i], b = x[i + h2];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+  }
+}
+
+// Scores of the g query heads of one KV group against keys [s0, s1) (the key row is read once for all g),
+// softmax-weighted values accumulated into out (g x hd); returns each head's (max, sum) in m/l. hd % 8 == 0.
+void attend_part(const float* q, int64_t qstride, const float* Kh, const float* Vh, const uint8_t* ok, int64_t s0,
+                 int64_t s1, int64_t g, int64_t hd, float scale, float* out, float* m, float* l, float* p) {
+  constexpr int W = 8;
+  const int64_t n = s1 - s0;
+  for (int64_t j = 0; j < g; ++j) m[j] = -INFINITY, l[j] = 0.f;
+  for (int64_t s = s0; s < s1; ++s) {
+    float* ps = p + (s - s0) * g;
+    if (!ok[s]) {
+      for (int64_t j = 0; j < g; ++j) ps[j] = -INFINITY;
+      continue;
+    }
+    __m256 acc[8];
+    for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c += W) {
+      const __m256 k = _mm256_loadu_ps(Kh + s * hd + c);
+      for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * qstride + c), k, acc[j]);
+    }
+    for (int64_t j = 0; j < g; ++j) {
+      ps[j] = hsum(acc[j]) * scale;
+      m[j] = std::max(m[j], ps[j]);
+    }
+  }
+  std::fill_n(out, g * hd, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = s0 + i;
+    if (!ok[s]) continue;
+    float w[8];
+    for (int64_t j = 0; j < g; ++j) {
+      w[j] = std::exp(p[i * g + j] - m[j]);
+      l[j] += w[j];
+    }
+    for (int64_t c = 0; c < hd; c += W) {
+      const __m256 v = _mm256_loadu_ps(Vh + s * hd + c);
+      for (int64_t j = 0; j < g; ++j) {
+        float* o = out + j * hd + c;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w[j]), v, _mm256_loadu_ps(o)));
+      }
+    }
+  }
+}
+
+// softmax(q K^T * scale over the valid keys <= its position) V for every token and query head. Token t of row
+// b sits at buffer position pos + t. Tasks are (token, KV group, key range): long caches are split into parts
+// of >= 256 keys (at most 8) that are merged with their (max, sum), as flash-decoding does. The split depends
+// only on the key count, so a token's result is the same whatever the batch, chunk or thread count. A
+// group's query heads share one read of each key and value.
+void attention(const float* qkv, const float* K, const float* V, const uint8_t* valid, float* att, int64_t B,
+               int64_t T, int64_t nh, int64_t nkv, int64_t hd, int64_t S, int64_t pos, float scale) {
+  constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
+  const int64_t g = nh / nkv, nq = nh * hd, width = nq + 2 * nkv * hd, M = B * T;
+  auto parts_of = [&](int64_t n) { return std::clamp<int64_t>(n / MIN_KEYS, 1, MAX_PARTS); };
+  const int64_t P = parts_of(pos + T);  // task slots per (token, group); a token uses parts_of(its keys)
+  std::vector<float> po(M * nkv * P * g * hd), pm(M * nkv * P * g), pl(M * nkv * P * g);
+  at::parallel_for(0, M * nkv * P, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / (nkv * P), kv = t / P % nkv, part = t % P;
+      const int64_t b = r / T, n = pos + r % T + 1, parts = parts_of(n), span = (n + parts - 1) / parts;
+      if (part >= parts) continue;
+      const int64_t s0 = part * span, s1 = std::min(n, s0 + span);
+      p.resize(span * g);
+      const float* Kh = K + (b * nkv + kv) * S * hd;
+      const float* Vh = V + (b * nkv + kv) * S * hd;
+      attend_part(qkv + r * width + kv * g * hd, hd, Kh, Vh, valid + b * S, s0, s1, g, hd, scale,
+                  po.data() + t * g * hd, pm.data() + t * g, pl.data() + t * g, p.data());
+    }
+  });
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t kv = 0; kv < nkv; ++kv)
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t t0 = (r * nkv + kv) * P, parts = parts_of(pos + r % T + 1);
+        float mx = -INFINITY;
+        for (int64_t q = 0; q < parts; ++q) mx = std::max(mx, pm[(t0 + q) * g + j]);
+        float sum = 0.f;
+        float* out = att + r * nq + (kv * g + j) * hd;
+        std::fill_n(out, hd, 0.f);
+        for (int64_t q = 0; q < parts; ++q) {
+          const float mq = pm[(t0 + q) * g + j];
+          if (mq == -INFINITY) continue;  // a part with no valid key
+          const float f = std::exp(mq - mx);
+          sum += pl[(t0 + q) * g + j] * f;
+          const float* o = po.data() + ((t0 + q) * g + j) * hd;
+          for (int64_t i = 0; i < hd; ++i) out[i] += o[i] * f;
+        }
+        if (sum > 0.f)  // else a padding token that sees no valid key: zeros, never attended to
+          for (int64_t i = 0; i < hd; ++i) out[i] /= sum;
+      }
+}
+
+}  // namespace
+
+extern "C" {
+
+int llmkit_step_abi() { return 1; }
+
+// dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
+// position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
+// lins: 5 per layer (qkv, o, gate, up, down) then the head. norms: 2 per layer then the final one.
+// kc/vc: per layer the cache buffers (>= B rows, nkv, S, hd); token t's K/V are written at pos + t.
+// valid: (>= B rows, S) bytes, 1 where a key may be attended (the caller has set columns pos..pos+T-1).
+// x: (M, C) embeddings of the new tokens, used as the residual stream (overwritten).
+// cos/sin: (M, hd) RoPE tables of each token's position. logits: (M, V) out.
+void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* lins, const float* const* norms,
+                        float* const* kc, float* const* vc, const uint8_t* valid, float* x, const float* cos,
+                        const float* sin, float* logits) {
+  const int64_t L = dims[0], B = dims[1], T = dims[2], C = dims[3], nh = dims[4], nkv = dims[5], hd = dims[6],
+                F = dims[7], S = dims[9], pos = dims[10], M = B * T;
+  const int64_t nq = nh * hd, nk = nkv * hd, width = nq + 2 * nk;
+  std::vector<float> h(M * C), qkv(M * width), att(M * nq), o(M * C), g(M * F), u(M * F);
+  for (int64_t l = 0; l < L; ++l) {
+    const Lin* lin = lins + 5 * l;
+    rmsnorm(x, norms[2 * l], h.data(), M, C, eps);
+    linear(lin[0], h.data(), qkv.data(), M);
+    float* K = kc[l];
+    float* Vc = vc[l];
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t b = r / T, dst = pos + r % T;
+      float* q = qkv.data() + r * width;
+      for (int64_t j = 0; j < nh; ++j) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
+      for (int64_t j = 0; j < nkv; ++j) {
+        rope(q + nq + j * hd, cos + r * hd, sin + r * hd, hd);
+        std::copy_n(q + nq + j * hd, hd, K + ((b * nkv + j) * S + dst) * hd);
+        std::copy_n(q + nq + nk + j * hd, hd, Vc + ((b * nkv + j) * S + dst) * hd);
+      }
+    }
+    attention(qkv.data(), K, Vc, valid, att.data(), B, T, nh, nkv, hd, S, pos, scale);
+    linear(lin[1], att.data(), o.data(), M);
+    for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
+    rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
+    linear(lin[2], h.data(), g.data(), M);
+    linear(lin[3], h.data(), u.data(), M);
+    for (int64_t i = 0; i < M * F; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up
+    linear(lin[4], g.data(), o.data(), M);
+    for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
+  }
+  rmsnorm(x, norms[2 * L], h.data(), M, C, eps);
+  linear(lins[5 * L], h.data(), logits, M);
+}
+
+}  // extern "C"

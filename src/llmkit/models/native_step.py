@@ -1,0 +1,169 @@
+"""The decode step as one C++ call (kernels/step.cpp) for Llama-shaped decoders whose Linear layers run
+llmkit's own quantized kernels: it replaces `decode_step`'s ~30 layers of Python operators, whose dispatch
+cost as much as reading the weights (measured in docs/inference.md).
+
+It covers what step.cpp implements: pre-norm RMSNorm blocks, RoPE, grouped-query global attention, a SwiGLU
+MLP and a plain LM head, batches of up to 16 rows, fp32 on the CPU. Every other model keeps `decode_step`
+(eager or compiled). `LLMKIT_NATIVE_STEP=0` turns it off. The embeddings and RoPE tables come from the
+model's own `embed`, so positions and scaling are the model's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from llmkit.models import qkernel
+from llmkit.models.kv_cache import KVCache
+from llmkit.models.quant import DECODE_ROWS, QuantLinear
+
+MAX_ROWS = DECODE_ROWS  # new tokens per call: step.cpp's products use the decode kernels, for at most this many rows
+
+
+class _Lin(ctypes.Structure):
+    """step.cpp's `Lin`: one quantized Linear in qmm.cpp's tile layout."""
+
+    _fields_ = [("bits", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("g", ctypes.c_int64),
+                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mn", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def why_not(model: nn.Module) -> str:
+    """'' when the native step can run `model`, else the first reason it cannot."""
+    from llmkit.models.transformer import OffsetRMSNorm, Transformer
+
+    if os.environ.get("LLMKIT_NATIVE_STEP", "1") == "0":
+        return "LLMKIT_NATIVE_STEP=0"
+    if not isinstance(model, Transformer):
+        return "not a Transformer"
+    c = model.cfg
+    checks = [
+        (c.arch == "decoder" and c.prenorm and not c.post_norms, "not a pre-norm decoder"),
+        (c.norm == "rmsnorm" and not c.norm_unit_offset, "not RMSNorm"),
+        (c.mlp == "gated" and c.activation == "silu", "not a SwiGLU MLP"),
+        (c.pos == "rope" and set(c.layer_kinds) == {"global"}, "not global RoPE attention"),
+        (not c.qk_norm and c.attn_softcap is None and c.logit_softcap is None, "qk-norm or soft-capping"),
+        (c.head_dim % 8 == 0 and c.n_head // c.n_kv_head <= 8, "head_dim not a multiple of 8 or > 8 heads per group"),
+        (model.tok_emb.weight.dtype == torch.float32 and model.tok_emb.weight.device.type == "cpu", "not fp32 CPU"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    for name in ("final_norm",) + tuple(f"blocks.{i}.{n}" for i in range(c.n_layer) for n in ("norm1", "norm2")):
+        norm = model.get_submodule(name)
+        if isinstance(norm, OffsetRMSNorm) or not isinstance(norm, nn.RMSNorm) or norm.weight is None:
+            return f"{name} is not an affine RMSNorm"
+    for name in _linear_names(model):
+        m = model.get_submodule(name)
+        if not isinstance(m, QuantLinear) or m._tiles is None:
+            return f"{name} does not run llmkit's quantized kernels"
+    if not qkernel.available():
+        return qkernel.why_unavailable()
+    return ""
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    per_layer = ("attn.qkv", "attn.proj", "mlp.gate", "mlp.fc", "mlp.proj")  # step.cpp's order
+    return [f"blocks.{i}.{n}" for i in range(model.cfg.n_layer) for n in per_layer] + ["lm_head"]
+
+
+class NativeStep:
+    """`decode_step`'s signature and result for one model, run by step.cpp."""
+
+    def __init__(self, model: nn.Module):
+        c = model.cfg
+        self.model = weakref.proxy(model)
+        self.cfg = c
+        lins = [model.get_submodule(n) for n in _linear_names(model)]
+        self.tiles = [m._tiles for m in lins]  # keeps the tensors the pointers below point into
+        self.lins = (_Lin * len(lins))(*[
+            _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles), _ptr(m.scales),
+                 _ptr(getattr(m, "mins", None)) if m.bits == 4 else None, _ptr(m.bias)) for m in lins])
+        norms = [n for b in model.blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
+        self.norms = (ctypes.c_void_p * len(norms))(*[n.weight.data_ptr() for n in norms])
+        eps = model.final_norm.eps
+        self.eps = float(eps if eps is not None else torch.finfo(torch.float32).eps)
+        self.scale = float(c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5)
+        self._cache_ptrs: tuple[tuple[int, ...], ctypes.Array] | None = None
+
+    def _kv(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> int:
+        """Address of the 2L cache buffer pointers step.cpp reads, rebuilt when any buffer changes (a new
+        cache may reuse some of a freed one's addresses, so every pointer is compared)."""
+        ptrs = tuple(t.data_ptr() for t in k) + tuple(t.data_ptr() for t in v)
+        if self._cache_ptrs is None or self._cache_ptrs[0] != ptrs:
+            for t in k + v:
+                if not t.is_contiguous() or t.dtype != torch.float32:
+                    raise ValueError("the native step needs contiguous fp32 K/V buffers")
+            self._cache_ptrs = (ptrs, (ctypes.c_void_p * len(ptrs))(*ptrs))
+        return ctypes.addressof(self._cache_ptrs[1])
+
+    def run(self, idx: torch.Tensor, position_ids: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+            valid: torch.Tensor, pos: int, rows_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of T new tokens per row (idx, position_ids: (B, T); B * T <= MAX_ROWS). Each layer's
+        K/V buffers (>= B rows, nkv, S, hd) get token t at buffer position pos + t, which attends to the valid
+        keys up to its own; valid (>= B rows, S) marks those keys, and its columns pos..pos+T-1 are first set
+        to `rows_valid` ((B,) or (B, T) for left padding; all True by default). A padding token's own output
+        is zeros where it sees no valid key."""
+        c = self.cfg
+        B, T = idx.shape
+        S = k[0].size(2)
+        if B * T > MAX_ROWS or pos + T > S:
+            raise ValueError(f"the native step takes at most {MAX_ROWS} tokens and needs pos + T <= S")
+        if valid.dtype != torch.bool or valid.size(1) != S or not valid.is_contiguous():
+            raise ValueError("valid must be a contiguous bool (rows, S) mask")
+        if min(k[0].size(0), valid.size(0)) < B or tuple(k[0].shape[1::2]) != (c.n_kv_head, c.head_dim):
+            raise ValueError(f"the K/V buffers and valid mask need >= {B} rows of ({c.n_kv_head}, S, {c.head_dim})")
+        x, rope = self.model.embed(idx, position_ids)
+        x = x.reshape(B * T, c.d_model).contiguous()
+        cos, sin = (t.reshape(B * T, c.head_dim).contiguous() for t in rope)
+        valid[:B, pos:pos + T] = True if rows_valid is None else rows_valid.reshape(B, -1)
+        kv = self._kv(k, v)
+        L = c.n_layer
+        dims = (ctypes.c_int64 * 11)(L, B, T, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size,
+                                     S, pos)
+        logits = torch.empty(B, T, c.vocab_size)
+        qkernel._load()[0].llmkit_decode_step(dims, self.eps, self.scale, self.lins, self.norms, kv,
+                                              kv + ctypes.sizeof(ctypes.c_void_p) * L, valid.data_ptr(),
+                                              x.data_ptr(), cos.data_ptr(), sin.data_ptr(), logits.data_ptr())
+        return logits
+
+    def __call__(self, idx: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`decode_step`'s contract (cache: a `StaticKVCache`): the token goes to `cache.write_pos`."""
+        return self.run(idx, position_ids, cache.k, cache.v, cache.valid, int(cache.write_pos))[:, -1]
+
+
+_steps: weakref.WeakKeyDictionary[nn.Module, NativeStep] = weakref.WeakKeyDictionary()
+
+
+def native_step(model: nn.Module, rows: int) -> NativeStep | None:
+    """The native step for `model` at `rows` new tokens in all, or None where it does not apply (see `why_not`)."""
+    if rows > MAX_ROWS or why_not(model):
+        return None
+    step = _steps.get(model)
+    tiles = [model.get_submodule(n)._tiles for n in _linear_names(model)]
+    if step is None or any(a is not b for a, b in zip(step.tiles, tiles)):  # re-prepared layers: new pointers
+        step = _steps[model] = NativeStep(model)
+    return step
+
+
+@contextmanager
+def native_disabled() -> Iterator[None]:
+    """Within the block every model takes the Python decode step (for references and measurements)."""
+    old = os.environ.get("LLMKIT_NATIVE_STEP")
+    os.environ["LLMKIT_NATIVE_STEP"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LLMKIT_NATIVE_STEP"]
+        else:
+            os.environ["LLMKIT_NATIVE_STEP"] = old

@@ -1,0 +1,165 @@
+"""The one-call native decode step (kernels/step.cpp): the Python step's logits for the same cache state
+(left-padded rows, GQA, int8 and int4, a qkv bias), greedy tokens equal to the Python path, and the models it
+declines named with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkit.data.batching import left_pad
+from llmkit.inference.generate import generate_ids
+from llmkit.inference.sampling import SamplingParams
+from llmkit.models import native_step as ns
+from llmkit.models import qkernel
+from llmkit.models.build import build_model
+from llmkit.models.config import preset
+from llmkit.models.decode_step import StaticKVCache, decode_step
+from llmkit.models.quant import prepare_quantized, quantize_model
+
+pytestmark = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
+
+
+def _quantized(bits: int, group: int | None, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128, block_size=128)
+    model = build_model(preset("llama-tiny", **{**cfg, **kw})).eval()
+    if kw.get("qkv_bias"):  # a bias that is not zero, so a dropped bias shows
+        for b in model.blocks:
+            torch.nn.init.normal_(b.attn.qkv.bias, std=0.5)
+    quantize_model(model, bits, group)
+    prepare_quantized(model)
+    return model
+
+
+def _compare(model, step, prompts: list[list[int]], cache_len: int, steps: int) -> None:
+    """Prefill left-padded `prompts` into two caches, then `steps` one-token steps on the same tokens: native
+    vs `decode_step` (rtol 1e-4 of the largest logit: the same products, norms and softmax, summed in
+    another order), and the keys both cached."""
+    B = len(prompts)
+    idx, mask = left_pad(prompts, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [StaticKVCache(model.cfg, B, cache_len) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(idx, attention_mask=mask, position_ids=pos, cache=c, last_only=True)
+        tok, p = torch.arange(5, 5 + B)[:, None], pos[:, -1:] + 1
+        for _ in range(steps):
+            out = []
+            for c, native in zip(caches, (False, True)):
+                c.write_pos.fill_(c.pos)
+                c.static = True
+                out.append(step(tok, p, c) if native else decode_step(model, tok, p, c))
+                c.static = False
+                c.pos += 1
+            want, got = out
+            assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+            tok, p = want.argmax(-1, keepdim=True), p + 1
+    assert all(torch.allclose(k0, k1, atol=1e-5) for k0, k1 in zip(caches[0].k, caches[1].k))
+
+
+@pytest.mark.parametrize("bits,group,kw", [(8, None, {}), (4, 32, {}), (8, None, {"qkv_bias": True}),
+                                           (4, 64, {"n_kv_head": 1})])
+def test_native_step_equals_python_step(bits, group, kw):
+    """A left-padded batch of 3, 16 steps, int8 and int4, a qkv bias, one KV head."""
+    model = _quantized(bits, group, **kw)
+    step = ns.native_step(model, 3)
+    assert step is not None, ns.why_not(model)
+    _compare(model, step, [list(range(3, 17)), list(range(40, 45)), [7, 8, 9, 10, 11, 12, 13]], 64, 16)
+
+
+def test_generate_native_gives_python_path_tokens(monkeypatch):
+    """Greedy generation of two ragged prompts: the native step's tokens are the Python step's."""
+    model = _quantized(8, None)
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    prompts = [[1, 5, 9, 3, 4, 6], [2, 7]]
+    native = list(generate_ids(model, prompts, params))
+    monkeypatch.setenv("LLMKIT_NATIVE_STEP", "0")
+    assert ns.native_step(model, 2) is None
+    assert list(generate_ids(model, prompts, params)) == native
+
+
+def test_models_it_declines_say_why(monkeypatch):
+    torch.manual_seed(0)
+    fp32 = build_model(preset("llama-tiny", vocab_size=96, d_model=64, n_layer=2, block_size=64)).eval()
+    assert "quantized kernels" in ns.why_not(fp32) and ns.native_step(fp32, 1) is None
+    gemma = _quantized(8, None, norm_unit_offset=True)
+    assert ns.why_not(gemma) == "not RMSNorm"
+    model = _quantized(8, None)
+    assert ns.native_step(model, ns.MAX_ROWS + 1) is None and ns.native_step(model, ns.MAX_ROWS) is not None
+    monkeypatch.setenv("LLMKIT_NATIVE_STEP", "0")
+    assert ns.why_not(model) == "LLMKIT_NATIVE_STEP=0"
+
+
+def test_long_cache_split_attention_equals_python_step():
+    """600+ cached keys: step.cpp splits each group's keys into parts of >= 256 merged by log-sum-exp
+    (flash-decoding); a padded row included."""
+    model = _quantized(8, None, block_size=1024)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (700,), generator=g).tolist(), torch.randint(1, 96, (520,), generator=g).tolist()]
+    _compare(model, ns.native_step(model, 2), prompts, 1024, 3)
+
+
+def test_chunk_of_tokens_equals_cached_forward_and_single_steps():
+    """T = 5 new tokens per row in one call (speculative verification): the model's cached forward on the
+    same chunk (rtol 1e-4), and bit for bit the logits of 5 one-token calls at 1 or 2 threads (the key
+    split depends only on the key count)."""
+    model = _quantized(4, 32, block_size=1024)
+    step = ns.native_step(model, 10)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 96, (600,), generator=g).tolist(), torch.randint(1, 96, (9,), generator=g).tolist()]
+    idx, mask = left_pad(prompts, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    chunk = torch.randint(1, 96, (2, 5), generator=g)
+    cpos = pos[:, -1:] + 1 + torch.arange(5)
+    caches = [model.new_cache(2, 1024, bounded=False) for _ in range(3)]
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for c in caches:
+            model(idx, attention_mask=mask, position_ids=pos, cache=c, last_only=True)
+        want = model(chunk, position_ids=cpos, cache=caches[0]).logits
+        got = step.run(chunk, cpos, caches[1].k, caches[1].v, caches[1].valid, caches[1].pos)
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+        try:
+            torch.set_num_threads(1)
+            one = [step.run(chunk[:, t:t + 1], cpos[:, t:t + 1], caches[2].k, caches[2].v, caches[2].valid,
+                            caches[2].pos + t) for t in range(5)]
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(one, 1), got)
+
+
+def test_speculative_verifies_with_the_native_step(monkeypatch):
+    """Prompt lookup on a repetitive prompt: drafts are accepted, verification runs natively (chunks of
+    several tokens), and the output is plain greedy's token for token."""
+    from llmkit.inference.speculative import SpecStats, speculative_greedy
+
+    model = _quantized(8, None)
+    prompt = [3, 4, 5, 6, 7, 8] * 4
+    plain = [t for t, in generate_ids(model, [prompt], SamplingParams(max_new_tokens=30, temperature=0))]
+    chunks: list[int] = []
+    run = ns.NativeStep.run
+
+    def counting(self, idx, *a, **kw):
+        chunks.append(idx.size(1))
+        return run(self, idx, *a, **kw)
+
+    monkeypatch.setattr(ns.NativeStep, "run", counting)
+    stats = SpecStats()
+    got = [t for c in speculative_greedy(model, prompt, 30, stats=stats) for t in c]
+    assert got == plain and stats.accepted > 0 and max(chunks) > 1
+
+
+def test_cache_pointers_follow_every_buffer():
+    """A new cache that shares its first layer's buffer with an old one (an allocator may hand a freed
+    address back) still gets its own buffers for the other layers written."""
+    model = _quantized(8, None)
+    step = ns.native_step(model, 1)
+    a = model.new_cache(1, 16, bounded=False)
+    b = model.new_cache(1, 16, bounded=False)
+    b.k[0], b.v[0] = a.k[0], a.v[0]
+    tok, p = torch.tensor([[5]]), torch.tensor([[0]])
+    step.run(tok, p, a.k, a.v, a.valid, 0)
+    a_layer1 = a.k[1].clone()
+    step.run(tok, p, b.k, b.v, b.valid, 1)
+    assert torch.equal(a.k[1], a_layer1) and b.k[1][0, :, 1].abs().sum() > 0
