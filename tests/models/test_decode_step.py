@@ -70,6 +70,7 @@ def test_compiled_generation_equals_eager(monkeypatch):
     """Greedy tokens, batched and left-padded: the compiled step (aot_eager here: the same graph capture as
     inductor without a C++ build, which would take minutes; bench checks inductor) against eager."""
     monkeypatch.setattr(ds, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("LLMKIT_NATIVE_STEP", "0")  # else both runs take the native step (test_native_step.py)
     model = _model()
     prompts = [list(range(10, 30)), list(range(5, 12))]
     p = SamplingParams(max_new_tokens=16, temperature=0)

@@ -1,6 +1,6 @@
 """The one-call native decode step (kernels/step.cpp): the Python step's logits for the same cache state
-(left-padded rows, GQA, int8 and int4, a qkv bias), greedy tokens equal to the Python path, and the models it
-declines named with a reason."""
+(left-padded rows, GQA, int8, int4 and fp32, a qkv bias), greedy tokens equal to the Python path, and the
+models it declines named with a reason."""
 
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ from llmkit.models.quant import prepare_quantized, quantize_model
 pytestmark = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
 
 
-def _quantized(bits: int, group: int | None, **kw):
+def _quantized(bits: int | None, group: int | None, **kw):
+    """A random llama-tiny with GQA, quantized to `bits` (None: fp32 as built)."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=96, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128, block_size=128)
     model = build_model(preset("llama-tiny", **{**cfg, **kw})).eval()
     if kw.get("qkv_bias"):  # a bias that is not zero, so a dropped bias shows
         for b in model.blocks:
             torch.nn.init.normal_(b.attn.qkv.bias, std=0.5)
-    quantize_model(model, bits, group)
-    prepare_quantized(model)
+    if bits is not None:
+        quantize_model(model, bits, group)
+        prepare_quantized(model)
     return model
 
 
@@ -59,9 +61,10 @@ def _compare(model, step, prompts: list[list[int]], cache_len: int, steps: int) 
 
 
 @pytest.mark.parametrize("bits,group,kw", [(8, None, {}), (4, 32, {}), (8, None, {"qkv_bias": True}),
-                                           (4, 64, {"n_kv_head": 1})])
+                                           (4, 64, {"n_kv_head": 1}), (None, None, {}),
+                                           (None, None, {"qkv_bias": True})])
 def test_native_step_equals_python_step(bits, group, kw):
-    """A left-padded batch of 3, 16 steps, int8 and int4, a qkv bias, one KV head."""
+    """A left-padded batch of 3, 16 steps, int8, int4 and fp32, a qkv bias, one KV head."""
     model = _quantized(bits, group, **kw)
     step = ns.native_step(model, 3)
     assert step is not None, ns.why_not(model)
@@ -79,10 +82,28 @@ def test_generate_native_gives_python_path_tokens(monkeypatch):
     assert list(generate_ids(model, prompts, params)) == native
 
 
+def test_fp32_native_step_follows_moved_weights():
+    """`.double().float()` gives every parameter new storage under the same object: the step is rebuilt for
+    the new addresses (the old one would read freed memory) and still equals the Python step."""
+    model = _quantized(None, None)
+    first = ns.native_step(model, 1)
+    model.double().float()
+    again = ns.native_step(model, 1)
+    assert again is not first and again.key != first.key
+    _compare(model, again, [list(range(3, 12))], 32, 4)
+
+
 def test_models_it_declines_say_why(monkeypatch):
+    class Wrapped(torch.nn.Linear):  # a subclass has its own forward (LoRA and the like): not read as fp32
+        pass
+
     torch.manual_seed(0)
     fp32 = build_model(preset("llama-tiny", vocab_size=96, d_model=64, n_layer=2, block_size=64)).eval()
-    assert "quantized kernels" in ns.why_not(fp32) and ns.native_step(fp32, 1) is None
+    assert ns.why_not(fp32) == ""
+    old = fp32.blocks[0].mlp.gate
+    fp32.blocks[0].mlp.gate = Wrapped(old.in_features, old.out_features, bias=False)
+    assert "neither is fp32" in ns.why_not(fp32) and ns.native_step(fp32, 1) is None
+    assert "not fp32" in ns.why_not(_quantized(None, None).double())
     gemma = _quantized(8, None, norm_unit_offset=True)
     assert ns.why_not(gemma) == "not RMSNorm"
     model = _quantized(8, None)
@@ -163,3 +184,13 @@ def test_cache_pointers_follow_every_buffer():
     a_layer1 = a.k[1].clone()
     step.run(tok, p, b.k, b.v, b.valid, 1)
     assert torch.equal(a.k[1], a_layer1) and b.k[1][0, :, 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 576, 1000), (2, 64, 13), (3, 1536, 36), (5, 40, 7), (16, 96, 130)])
+def test_fp32_product_equals_torch(M, K, N):
+    """The fp32 product step.cpp runs for unquantized layers: x @ W^T at 1-16 rows, N not a multiple of the
+    4-row pass, K a multiple of 8 but not of 32 (the tail loop); atol 1e-5 of the largest output."""
+    g = torch.Generator().manual_seed(M * N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    want = x @ w.T
+    assert torch.allclose(qkernel.f32_mm(x, w), want, atol=1e-5 * float(want.abs().max()), rtol=0)

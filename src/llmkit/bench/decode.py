@@ -193,8 +193,9 @@ def _python_step_runs(models: dict[str, torch.nn.Module], prompt: list[int], new
     compiled: its tokens/s, compile time and whether it gives the eager Python step's tokens."""
     with native_disabled():
         eager = dict(tokens)
-        for name in ("int8", "int4", "gguf_q4_1"):
+        for name in ("fp32", "int8", "int4", "gguf_q4_1"):
             r[f"{name}_python_step_tokens_per_s"], eager[name] = decode_tps(models[name], prompt, new)
+            r[f"{name}_native_tokens_equal_to_python_step_before_first_difference"] = _agree(tokens[name], eager[name])
         for name in ("fp32", "int8", "gguf_q4_1") if compile else ():
             t0 = time.perf_counter()
             list(generate_ids(models[name], [prompt], SamplingParams(max_new_tokens=2, temperature=0), compile=True))
@@ -202,8 +203,12 @@ def _python_step_runs(models: dict[str, torch.nn.Module], prompt: list[int], new
             tps, toks = decode_tps(models[name], prompt, new, compile=True)
             r[f"{name}_compiled_tokens_per_s"] = tps
             r[f"{name}_compiled_same_tokens_as_eager"] = toks == eager[name]
-            r[f"{name}_compiled_tokens_equal_to_eager_before_first_difference"] = next(
-                (i for i, (a, b) in enumerate(zip(toks, eager[name])) if a != b), len(toks))
+            r[f"{name}_compiled_tokens_equal_to_eager_before_first_difference"] = _agree(toks, eager[name])
+
+
+def _agree(a: list, b: list) -> int:
+    """How many leading tokens two greedy runs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 def _gpt2_small(quick: bool) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s, gpt2-small shape (random weights), our KV cache vs transformers."""

@@ -83,8 +83,8 @@ _compiled: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = w
 
 def step_fn(model: nn.Module, compile: bool, rows: int = 1
             ) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
-    """The decode step for `model` at `rows` rows: the one-call native step where it applies (quantized
-    Llama-shaped decoders on llmkit's kernels, models/native_step.py), else compiled once per model (and
+    """The decode step for `model` at `rows` rows: the one-call native step where it applies (Llama-shaped
+    fp32/int8/int4 decoders on llmkit's kernels, models/native_step.py), else compiled once per model (and
     per cache shape), or eager."""
     native = native_step(model, rows)
     if native is not None:

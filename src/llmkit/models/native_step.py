@@ -1,9 +1,10 @@
-"""The decode step as one C++ call (kernels/step.cpp) for Llama-shaped decoders whose Linear layers run
-llmkit's own quantized kernels: it replaces `decode_step`'s ~30 layers of Python operators, whose dispatch
-cost as much as reading the weights (measured in docs/inference.md).
+"""The decode step as one C++ call (kernels/step.cpp) for Llama-shaped decoders whose Linear layers are
+llmkit's int8/int4 layers on its own kernels or plain fp32 `nn.Linear`s: it replaces `decode_step`'s ~30
+layers of Python operators, whose dispatch cost as much as reading the quantized weights (measured in
+docs/inference.md).
 
 It covers what step.cpp implements: pre-norm RMSNorm blocks, RoPE, grouped-query global attention, a SwiGLU
-MLP and a plain LM head, batches of up to 16 rows, fp32 on the CPU. Every other model keeps `decode_step`
+MLP and a plain LM head, batches of up to 16 rows, fp32 activations on the CPU. Every other model keeps `decode_step`
 (eager or compiled). `LLMKIT_NATIVE_STEP=0` turns it off. The embeddings and RoPE tables come from the
 model's own `embed`, so positions and scaling are the model's.
 """
@@ -27,7 +28,7 @@ MAX_ROWS = DECODE_ROWS  # new tokens per call: step.cpp's products use the decod
 
 
 class _Lin(ctypes.Structure):
-    """step.cpp's `Lin`: one quantized Linear in qmm.cpp's tile layout."""
+    """step.cpp's `Lin`: one Linear, quantized in qmm.cpp's tile layout (bits 8/4) or fp32 as it is (bits 32)."""
 
     _fields_ = [("bits", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("g", ctypes.c_int64),
                 ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mn", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
@@ -64,8 +65,12 @@ def why_not(model: nn.Module) -> str:
             return f"{name} is not an affine RMSNorm"
     for name in _linear_names(model):
         m = model.get_submodule(name)
-        if not isinstance(m, QuantLinear) or m._tiles is None:
-            return f"{name} does not run llmkit's quantized kernels"
+        if type(m) is nn.Linear:  # exactly: subclasses (LoRA, ...) have their own forward
+            w = m.weight
+            if w.dtype != torch.float32 or not w.is_contiguous() or m.in_features % 8:
+                return f"{name} is not a contiguous fp32 weight with in_features % 8 == 0"
+        elif not isinstance(m, QuantLinear) or m._tiles is None:
+            return f"{name} neither is fp32 nor runs llmkit's quantized kernels"
     if not qkernel.available():
         return qkernel.why_unavailable()
     return ""
@@ -76,6 +81,33 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [f"blocks.{i}.{n}" for i in range(model.cfg.n_layer) for n in per_layer] + ["lm_head"]
 
 
+def _norms(model: nn.Module) -> list[nn.Module]:
+    return [n for b in model.blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor whose address step.cpp is given: the Linears' weights or tiles, scales, mins and biases,
+    and the norms' weights."""
+    out = []
+    for m in map(model.get_submodule, _linear_names(model)):
+        parts = (m.weight, m.bias) if type(m) is nn.Linear else (m._tiles, m.scales, getattr(m, "mins", None), m.bias)
+        out += [t for t in parts if t is not None]
+    return out + [n.weight for n in _norms(model)]
+
+
+def _key(model: nn.Module) -> tuple[int, ...]:
+    """The addresses of `_tensors`: a step built for other addresses would read freed memory (`model.to`,
+    `.double().float()` or re-preparing layers gives a parameter new storage under the same object)."""
+    return tuple(t.data_ptr() for t in _tensors(model))
+
+
+def _lin(m: nn.Module) -> _Lin:
+    if type(m) is nn.Linear:
+        return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, None, _ptr(m.bias))
+    return _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles), _ptr(m.scales),
+                _ptr(getattr(m, "mins", None)) if m.bits == 4 else None, _ptr(m.bias))
+
+
 class NativeStep:
     """`decode_step`'s signature and result for one model, run by step.cpp."""
 
@@ -84,11 +116,12 @@ class NativeStep:
         self.model = weakref.proxy(model)
         self.cfg = c
         lins = [model.get_submodule(n) for n in _linear_names(model)]
-        self.tiles = [m._tiles for m in lins]  # keeps the tensors the pointers below point into
-        self.lins = (_Lin * len(lins))(*[
-            _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles), _ptr(m.scales),
-                 _ptr(getattr(m, "mins", None)) if m.bits == 4 else None, _ptr(m.bias)) for m in lins])
-        norms = [n for b in model.blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
+        # the storages the pointers below point into, held (detached views) so that even a step kept past a
+        # change of its model's weights reads live memory; `native_step` rebuilds when the addresses change
+        self.held = [t.detach() for t in _tensors(model)]
+        self.key = tuple(t.data_ptr() for t in self.held)
+        self.lins = (_Lin * len(lins))(*[_lin(m) for m in lins])
+        norms = _norms(model)
         self.norms = (ctypes.c_void_p * len(norms))(*[n.weight.data_ptr() for n in norms])
         eps = model.final_norm.eps
         self.eps = float(eps if eps is not None else torch.finfo(torch.float32).eps)
@@ -149,8 +182,7 @@ def native_step(model: nn.Module, rows: int) -> NativeStep | None:
     if rows > MAX_ROWS or why_not(model):
         return None
     step = _steps.get(model)
-    tiles = [model.get_submodule(n)._tiles for n in _linear_names(model)]
-    if step is None or any(a is not b for a, b in zip(step.tiles, tiles)):  # re-prepared layers: new pointers
+    if step is None or step.key != _key(model):  # new or moved weights: new pointers
         step = _steps[model] = NativeStep(model)
     return step
 

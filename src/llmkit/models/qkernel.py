@@ -83,6 +83,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
     P, N = ctypes.c_void_p, ctypes.c_int64
+    lib.llmkit_f32_mm.argtypes = [P, P, P, N, N, N]
     lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, P, N, N, N, N]
     F = ctypes.c_float
@@ -119,6 +120,17 @@ def tile_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- the products
+
+
+def f32_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ weight^T for a contiguous fp32 (N, K) weight, K % 8 == 0: the product the native
+    step runs for unquantized layers (eager only; exposed for tests and measurements)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.size(0)
+    y = torch.empty(M, N, dtype=torch.float32)
+    _load()[0].llmkit_f32_mm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, K, N)
+    return y
 
 
 def _int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-// llmkit's weight-only quantized matrix products for decode-sized inputs (a few rows), fp32 activations.
+// llmkit's weight-only quantized matrix products for decode-sized inputs (a few rows), fp32 activations, and
+// the plain fp32 product the native decode step uses for unquantized layers.
 //
 // Why: PyTorch's own int8/int4 CPU kernels want bf16 activations and fall back to scalar loops on a CPU
 // without native bf16; at batch 1 decoding is a stream over the weights, so what matters is reading them at
@@ -117,6 +118,52 @@ void int4_tile(const float* XP, const uint8_t* T, const float* SC, const float* 
   for (int i0 = 0; i0 < NB; i0 += NR) int4_pass<NR, MT>(XP, T, SC, MN, Y, K, N, g, m0, n, i0);
 }
 
+// fp32: the model's own row-major (N, K) weight, read in place (a copy in tiles would double the memory). A
+// pass streams NR consecutive rows, one 32-byte load per row per step.
+template <int NR, int MT>
+void f32_pass(const float* X, const float* Wn, float* Y, int64_t K, int64_t N, int64_t m0, int64_t n) {
+  __m256 acc[NR][MT];
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += W) {
+    __m256 xs[MT];
+    for (int j = 0; j < MT; ++j) xs[j] = _mm256_loadu_ps(X + (m0 + j) * K + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 w = _mm256_loadu_ps(Wn + i * K + k);
+      for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_fmadd_ps(w, xs[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]);
+}
+
+// One row of x against one weight row, four independent chains over 32-float steps: at one row of x this
+// read each row in order and beat 4- and 8-row passes by ~3-5 % in the decode step (measured A/B, 2 threads).
+inline void f32_row1(const float* x, const float* w, float* y, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+  *y = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+// Output rows [n, n + nr) (nr <= 4) for rows [m0, m0 + MT) of X.
+template <int MT>
+void f32_tile(const float* X, const float* Wt, float* Y, int64_t K, int64_t N, int64_t m0, int64_t n, int64_t nr) {
+  if constexpr (MT == 1) {
+    for (int64_t i = 0; i < nr; ++i) f32_row1(X + m0 * K, Wt + (n + i) * K, Y + m0 * N + n + i, K);
+    return;
+  }
+  constexpr int NR = MT <= 2 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + NR <= nr; i += NR) f32_pass<NR, MT>(X, Wt + (n + i) * K, Y, K, N, m0, n + i);
+  for (; i < nr; ++i) f32_pass<1, MT>(X, Wt + (n + i) * K, Y, K, N, m0, n + i);
+}
+
 // Calls f(MT, m0) over the rows in tiles of at most 4 (the accumulators of a 4 x 4 tile fill the registers).
 template <typename F>
 void over_rows(int64_t M, F f) {
@@ -142,6 +189,17 @@ void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, i
     for (int64_t t = t0; t < t1; ++t)
       over_rows(M, [&](auto mt, int64_t m0) {
         int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB);
+      });
+  });
+}
+
+// Y (M, N) = X (M, K) @ W^T with W the row-major fp32 weight (N, K). K % 8 == 0; any N.
+void llmkit_f32_mm(const float* X, const float* Wt, float* Y, int64_t M, int64_t K, int64_t N) {
+  const int64_t tiles = (N + NB - 1) / NB;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, MIN_BYTES / (NB * K * 4)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      over_rows(M, [&](auto mt, int64_t m0) {
+        f32_tile<decltype(mt)::value>(X, Wt, Y, K, N, m0, t * NB, std::min<int64_t>(NB, N - t * NB));
       });
   });
 }

@@ -1,4 +1,5 @@
-// llmkit's decode step for Llama-shaped decoders with int8/int4 weights: a few new tokens per row, one C++ call.
+// llmkit's decode step for Llama-shaped decoders with int8/int4 (or fp32) weights: a few new tokens per row, one
+// C++ call.
 //
 // Why: at batch 1 the weights of SmolLM2-135M stream through qmm.cpp's kernels in ~7 ms a token, but the
 // Python step around them (30 layers of norms, RoPE, cache writes, SDPA and ~150 operator dispatches) cost
@@ -15,6 +16,7 @@
 #include <vector>
 
 extern "C" {
+void llmkit_f32_mm(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N);
 void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N);
 void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const float* MN, float* Y, int64_t M,
                     int64_t K, int64_t N, int64_t g);
@@ -22,17 +24,20 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const flo
 
 namespace {
 
-// One quantized Linear in qmm.cpp's tile layout (mirrored by ctypes in models/native_step.py).
+// One Linear (mirrored by ctypes in models/native_step.py): bits 8/4 in qmm.cpp's tile layout, or 32 for the
+// model's own row-major fp32 weight.
 struct Lin {
   int64_t bits, N, K, g;
-  const void* w;      // tiles
-  const float* s;     // scales: (N,) for int8, (N, K/g) for int4
+  const void* w;      // tiles, or the (N, K) fp32 weight
+  const float* s;     // scales: (N,) for int8, (N, K/g) for int4, null for fp32
   const float* mn;    // int4 mins (N, K/g), else null
   const float* bias;  // (N,) or null
 };
 
 void linear(const Lin& L, const float* x, float* y, int64_t M) {
-  if (L.bits == 8)
+  if (L.bits == 32)
+    llmkit_f32_mm(x, static_cast<const float*>(L.w), y, M, L.K, L.N);
+  else if (L.bits == 8)
     llmkit_int8_mm(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N);
   else
     llmkit_int4_mm(x, static_cast<const uint8_t*>(L.w), L.s, L.mn, y, M, L.K, L.N, L.g);
