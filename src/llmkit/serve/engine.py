@@ -95,6 +95,10 @@ class GenRequest:
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for the repetition penalty
 
 
+# with nothing decoding, prompts of up to this many tokens (all rows) are prefilled by the native step in
+# pieces, above it by the model's forward: measured on SmolLM2 int8, 25 tokens ran at 404 tok/s native vs
+# 195 forward, 100 tokens at 379 vs 398 (a dequantizing GEMM's fixed cost dominates short prompts)
+NATIVE_PREFILL_TOKENS = 96
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
 CHUNK_STEPS = 1.5
 
@@ -306,13 +310,18 @@ class Engine:
         T = job.idx.size(1)
         end = T if self.n_running == 0 else min(T, job.done + self._chunk_len(len(job.reqs)))
         t0 = time.perf_counter()
-        sl = slice(job.done, end)
-        if self._native is not None and self.n_running and len(job.reqs) * (end - job.done) <= MAX_ROWS:
+        rows, step = len(job.reqs), MAX_ROWS // len(job.reqs)
+        native = self._native is not None and step > 0 and (
+            end - job.done <= step if self.n_running else rows * (end - job.done) <= NATIVE_PREFILL_TOKENS)
+        if native:  # in pieces of <= MAX_ROWS tokens, each written at the cache position it fills
             c = job.cache
-            logits = self._native.run(job.idx[:, sl], job.pos[:, sl], c.k, c.v, c.valid, c.pos,
-                                      job.mask[:, sl].bool())[:, -1]
-            c.pos = end
+            for a in range(job.done, end, step):
+                sl = slice(a, min(end, a + step))
+                logits = self._native.run(job.idx[:, sl], job.pos[:, sl], c.k, c.v, c.valid, c.pos,
+                                          job.mask[:, sl].bool())[:, -1]
+                c.pos = sl.stop
         else:
+            sl = slice(job.done, end)
             logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
                                 cache=job.cache, last_only=True).logits[:, -1]  # (rows, V)
         if self.n_running and end < T:  # a full chunk beside running streams (the last one is a remainder)

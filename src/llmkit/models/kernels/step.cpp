@@ -74,44 +74,89 @@ void rope(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-// Scores of the g query heads of one KV group against keys [s0, s1) (the key row is read once for all g),
-// softmax-weighted values accumulated into out (g x hd); returns each head's (max, sum) in m/l. hd % 8 == 0.
+// e^x for 8 floats (Cephes' polynomial, ~2 ulp), 0 for x <= -87 (and -inf): the softmax weights.
+inline __m256 exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), live);
+}
+
+// The 8 sums of a0..a7 as one vector.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Scores of the g query heads of one KV group against keys [s0, s1), softmax-weighted values accumulated into
+// out (g x hd); returns each head's (max, sum) in m/l. Scores go 8 keys at a time (8 independent sums, one
+// reduction, one vector exp); p holds them per head (g rows of the span). hd % 8 == 0. A key's score and
+// weight depend only on (s0, s1), so a token's result does not depend on the batch or thread count.
 void attend_part(const float* q, int64_t qstride, const float* Kh, const float* Vh, const uint8_t* ok, int64_t s0,
                  int64_t s1, int64_t g, int64_t hd, float scale, float* out, float* m, float* l, float* p) {
   constexpr int W = 8;
-  const int64_t n = s1 - s0;
-  for (int64_t j = 0; j < g; ++j) m[j] = -INFINITY, l[j] = 0.f;
-  for (int64_t s = s0; s < s1; ++s) {
-    float* ps = p + (s - s0) * g;
-    if (!ok[s]) {
-      for (int64_t j = 0; j < g; ++j) ps[j] = -INFINITY;
+  const int64_t n = s1 - s0, n8 = n / W * W;
+  const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+  for (int64_t i = 0; i < n8; i += W) {
+    const float* kb = Kh + (s0 + i) * hd;
+    __m128i okb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ok + s0 + i));
+    const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(okb), _mm256_setzero_si256()));
+    for (int64_t j = 0; j < g; ++j) {
+      __m256 acc[W];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      for (int64_t c = 0; c < hd; c += W) {
+        const __m256 qc = _mm256_loadu_ps(q + j * qstride + c);
+        for (int t = 0; t < W; ++t) acc[t] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + t * hd + c), acc[t]);
+      }
+      _mm256_storeu_ps(p + j * n + i, _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(acc), vscale), valid));
+    }
+  }
+  for (int64_t i = n8; i < n; ++i) {  // the last keys, one at a time
+    const float* k = Kh + (s0 + i) * hd;
+    for (int64_t j = 0; j < g; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t c = 0; c < hd; c += W) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * qstride + c), _mm256_loadu_ps(k + c), acc);
+      p[j * n + i] = ok[s0 + i] ? hsum(acc) * scale : -INFINITY;
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {  // max, then weights e^(p - max) in place and their sum
+    float* pj = p + j * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, pj[i]);
+    m[j] = mx;
+    if (mx == -INFINITY) {  // no valid key in this part
+      l[j] = 0.f;
+      std::fill_n(pj, n, 0.f);
       continue;
     }
-    __m256 acc[8];
-    for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < hd; c += W) {
-      const __m256 k = _mm256_loadu_ps(Kh + s * hd + c);
-      for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * qstride + c), k, acc[j]);
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(mx);
+    for (int64_t i = 0; i < n8; i += W) {
+      const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + i), vm));
+      _mm256_storeu_ps(pj + i, w);
+      sum = _mm256_add_ps(sum, w);
     }
-    for (int64_t j = 0; j < g; ++j) {
-      ps[j] = hsum(acc[j]) * scale;
-      m[j] = std::max(m[j], ps[j]);
-    }
+    float tail = 0.f;
+    for (int64_t i = n8; i < n; ++i) tail += (pj[i] = pj[i] == -INFINITY ? 0.f : std::exp(pj[i] - mx));
+    l[j] = hsum(sum) + tail;
   }
   std::fill_n(out, g * hd, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = s0 + i;
     if (!ok[s]) continue;
-    float w[8];
-    for (int64_t j = 0; j < g; ++j) {
-      w[j] = std::exp(p[i * g + j] - m[j]);
-      l[j] += w[j];
-    }
     for (int64_t c = 0; c < hd; c += W) {
       const __m256 v = _mm256_loadu_ps(Vh + s * hd + c);
       for (int64_t j = 0; j < g; ++j) {
         float* o = out + j * hd + c;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w[j]), v, _mm256_loadu_ps(o)));
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(p[j * n + i]), v, _mm256_loadu_ps(o)));
       }
     }
   }
