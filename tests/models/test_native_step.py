@@ -194,3 +194,28 @@ def test_fp32_product_equals_torch(M, K, N):
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     want = x @ w.T
     assert torch.allclose(qkernel.f32_mm(x, w), want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+def test_row_start_skips_the_keys_before_it():
+    """Rows that begin late in a shared buffer (the engine's): with `start` each row scans only its own span,
+    and the logits are those of a scan over the whole buffer, whose earlier keys are invalid (rtol 1e-5);
+    keys before a start are not read even where valid; a start past the write position is refused."""
+    model = _quantized(8, None, block_size=1024)
+    c = model.new_cache(2, 1024, bounded=False)
+    g = torch.Generator().manual_seed(3)
+    for k, v in zip(c.k, c.v):
+        k.normal_(generator=g)
+        v.normal_(generator=g)
+    pos, begin = 700, torch.tensor([640, 90])
+    for b, s in enumerate(begin.tolist()):
+        c.valid[b, s:pos] = True
+    idx, p = torch.tensor([[5], [9]]), (pos - begin)[:, None]
+    step = ns.native_step(model, 2)
+    full = step.run(idx, p, c.k, c.v, c.valid, pos)
+    own = step.run(idx, p, c.k, c.v, c.valid, pos, start=begin)
+    assert torch.allclose(own, full, atol=1e-5 * float(full.abs().max()), rtol=0)
+    c.valid[0, :640] = True  # keys before a row's start are never read, valid or not
+    assert torch.equal(step.run(idx, p, c.k, c.v, c.valid, pos, start=begin), own)
+    assert not torch.allclose(step.run(idx, p, c.k, c.v, c.valid, pos)[0], own[0], atol=1e-3)
+    with pytest.raises(ValueError, match="start"):
+        step.run(idx, p, c.k, c.v, c.valid, pos, start=torch.tensor([pos + 1, 0]))

@@ -140,12 +140,15 @@ class NativeStep:
         return ctypes.addressof(self._cache_ptrs[1])
 
     def run(self, idx: torch.Tensor, position_ids: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
-            valid: torch.Tensor, pos: int, rows_valid: torch.Tensor | None = None) -> torch.Tensor:
+            valid: torch.Tensor, pos: int, rows_valid: torch.Tensor | None = None,
+            start: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) of T new tokens per row (idx, position_ids: (B, T); B * T <= MAX_ROWS). Each layer's
         K/V buffers (>= B rows, nkv, S, hd) get token t at buffer position pos + t, which attends to the valid
         keys up to its own; valid (>= B rows, S) marks those keys, and its columns pos..pos+T-1 are first set
-        to `rows_valid` ((B,) or (B, T) for left padding; all True by default). A padding token's own output
-        is zeros where it sees no valid key."""
+        to `rows_valid` ((B,) or (B, T) for left padding; all True by default). `start` ((B,) int64, default
+        zeros) is each row's first key that may be valid: attention scans [start, pos + t] only, which matters
+        where rows begin late in a long shared buffer. A padding token's own output is zeros where it sees no
+        valid key."""
         c = self.cfg
         B, T = idx.shape
         S = k[0].size(2)
@@ -155,6 +158,10 @@ class NativeStep:
             raise ValueError("valid must be a contiguous bool (rows, S) mask")
         if min(k[0].size(0), valid.size(0)) < B or tuple(k[0].shape[1::2]) != (c.n_kv_head, c.head_dim):
             raise ValueError(f"the K/V buffers and valid mask need >= {B} rows of ({c.n_kv_head}, S, {c.head_dim})")
+        if start is not None:
+            start = start.to(torch.int64).contiguous()
+            if start.shape != (B,) or int(start.min()) < 0 or int(start.max()) > pos:
+                raise ValueError(f"start must be ({B},) with 0 <= start <= pos ({pos})")
         x, rope = self.model.embed(idx, position_ids)
         x = x.reshape(B * T, c.d_model).contiguous()
         cos, sin = (t.reshape(B * T, c.head_dim).contiguous() for t in rope)
@@ -166,7 +173,8 @@ class NativeStep:
         logits = torch.empty(B, T, c.vocab_size)
         qkernel._load()[0].llmkit_decode_step(dims, self.eps, self.scale, self.lins, self.norms, kv,
                                               kv + ctypes.sizeof(ctypes.c_void_p) * L, valid.data_ptr(),
-                                              x.data_ptr(), cos.data_ptr(), sin.data_ptr(), logits.data_ptr())
+                                              _ptr(start), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                              logits.data_ptr())
         return logits
 
     def __call__(self, idx: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -28,7 +28,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI = 1
+ABI, STEP_ABI = 1, 2  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -78,7 +78,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
-        if lib.llmkit_qmm_abi() != ABI or lib.llmkit_step_abi() != ABI:
+        if lib.llmkit_qmm_abi() != ABI or lib.llmkit_step_abi() != STEP_ABI:
             raise RuntimeError("stale build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e)
@@ -87,7 +87,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, P, N, N, N, N]
     F = ctypes.c_float
-    lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P]
+    lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
 
 

@@ -397,7 +397,9 @@ class Engine:
         pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
         mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
         if self._native is not None and hi <= MAX_ROWS:  # writes at c.pos, attends only to valid keys
-            logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, mask[:, 0].bool())
+            # each row scans only its own span of the shared buffer: [c.pos - n_cached, c.pos]
+            start = torch.tensor([c.pos - r.n_cached if r else c.pos for r in rows])
+            logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, mask[:, 0].bool(), start)
             c.pos += 1
         else:
             # a view of rows [0, hi) and buffer positions [lo, L): everything left of lo is stale for every row,

@@ -163,24 +163,30 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
 }
 
 // softmax(q K^T * scale over the valid keys <= its position) V for every token and query head. Token t of row
-// b sits at buffer position pos + t. Tasks are (token, KV group, key range): long caches are split into parts
-// of >= 256 keys (at most 8) that are merged with their (max, sum), as flash-decoding does. The split depends
-// only on the key count, so a token's result is the same whatever the batch, chunk or thread count. A
-// group's query heads share one read of each key and value.
-void attention(const float* qkv, const float* K, const float* V, const uint8_t* valid, float* att, int64_t B,
-               int64_t T, int64_t nh, int64_t nkv, int64_t hd, int64_t S, int64_t pos, float scale) {
+// b sits at buffer position pos + t and sees keys [start[b], pos + t]: a row that starts late in a shared
+// buffer (the serving engine's) scans only its own span. Tasks are (token, KV group, key range): long spans
+// are split into parts of >= 256 keys (at most 8) that are merged with their (max, sum), as flash-decoding
+// does. The split depends only on the row's own key count, so a token's result is the same whatever the
+// batch, chunk or thread count. A group's query heads share one read of each key and value.
+void attention(const float* qkv, const float* K, const float* V, const uint8_t* valid, const int64_t* start,
+               float* att, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hd, int64_t S, int64_t pos,
+               float scale) {
   constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
   const int64_t g = nh / nkv, nq = nh * hd, width = nq + 2 * nkv * hd, M = B * T;
   auto parts_of = [&](int64_t n) { return std::clamp<int64_t>(n / MIN_KEYS, 1, MAX_PARTS); };
-  const int64_t P = parts_of(pos + T);  // task slots per (token, group); a token uses parts_of(its keys)
+  auto first = [&](int64_t b) { return start ? start[b] : int64_t{0}; };
+  int64_t lo = pos;
+  for (int64_t b = 0; b < B; ++b) lo = std::min(lo, first(b));
+  const int64_t P = parts_of(pos + T - lo);  // task slots per (token, group); a token uses parts_of(its keys)
   std::vector<float> po(M * nkv * P * g * hd), pm(M * nkv * P * g), pl(M * nkv * P * g);
   at::parallel_for(0, M * nkv * P, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> p;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / (nkv * P), kv = t / P % nkv, part = t % P;
-      const int64_t b = r / T, n = pos + r % T + 1, parts = parts_of(n), span = (n + parts - 1) / parts;
+      const int64_t b = r / T, a = first(b), n = pos + r % T + 1 - a, parts = parts_of(n);
+      const int64_t span = (n + parts - 1) / parts;
       if (part >= parts) continue;
-      const int64_t s0 = part * span, s1 = std::min(n, s0 + span);
+      const int64_t s0 = a + part * span, s1 = a + std::min(n, part * span + span);
       p.resize(span * g);
       const float* Kh = K + (b * nkv + kv) * S * hd;
       const float* Vh = V + (b * nkv + kv) * S * hd;
@@ -191,7 +197,7 @@ void attention(const float* qkv, const float* K, const float* V, const uint8_t* 
   for (int64_t r = 0; r < M; ++r)
     for (int64_t kv = 0; kv < nkv; ++kv)
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t t0 = (r * nkv + kv) * P, parts = parts_of(pos + r % T + 1);
+        const int64_t t0 = (r * nkv + kv) * P, parts = parts_of(pos + r % T + 1 - first(r / T));
         float mx = -INFINITY;
         for (int64_t q = 0; q < parts; ++q) mx = std::max(mx, pm[(t0 + q) * g + j]);
         float sum = 0.f;
@@ -214,18 +220,19 @@ void attention(const float* qkv, const float* K, const float* V, const uint8_t* 
 
 extern "C" {
 
-int llmkit_step_abi() { return 1; }
+int llmkit_step_abi() { return 2; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
 // lins: 5 per layer (qkv, o, gate, up, down) then the head. norms: 2 per layer then the final one.
 // kc/vc: per layer the cache buffers (>= B rows, nkv, S, hd); token t's K/V are written at pos + t.
 // valid: (>= B rows, S) bytes, 1 where a key may be attended (the caller has set columns pos..pos+T-1).
+// start: (B,) each row's first key that may be valid (0 <= start[b] <= pos), or null for all 0.
 // x: (M, C) embeddings of the new tokens, used as the residual stream (overwritten).
 // cos/sin: (M, hd) RoPE tables of each token's position. logits: (M, V) out.
 void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* lins, const float* const* norms,
-                        float* const* kc, float* const* vc, const uint8_t* valid, float* x, const float* cos,
-                        const float* sin, float* logits) {
+                        float* const* kc, float* const* vc, const uint8_t* valid, const int64_t* start, float* x,
+                        const float* cos, const float* sin, float* logits) {
   const int64_t L = dims[0], B = dims[1], T = dims[2], C = dims[3], nh = dims[4], nkv = dims[5], hd = dims[6],
                 F = dims[7], S = dims[9], pos = dims[10], M = B * T;
   const int64_t nq = nh * hd, nk = nkv * hd, width = nq + 2 * nk;
@@ -246,7 +253,7 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
         std::copy_n(q + nq + nk + j * hd, hd, Vc + ((b * nkv + j) * S + dst) * hd);
       }
     }
-    attention(qkv.data(), K, Vc, valid, att.data(), B, T, nh, nkv, hd, S, pos, scale);
+    attention(qkv.data(), K, Vc, valid, start, att.data(), B, T, nh, nkv, hd, S, pos, scale);
     linear(lin[1], att.data(), o.data(), M);
     for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
     rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
