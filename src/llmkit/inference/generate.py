@@ -235,7 +235,8 @@ def generate(checkpoint: str, *, prompt: str | list[str] | None = None, max_new_
         speculative: greedy speculative decoding, same output as --temperature 0, faster on repetitive text:
             "ngram" drafts from the prompt itself (prompt lookup), or a draft checkpoint sharing the tokenizer.
         compile: run the one-token decode step under torch.compile (needs a C++ compiler; the first call
-            compiles for a while, later steps are faster; output identical to eager).
+            compiles for a while, later steps are faster; output identical to eager). Llama-shaped models
+            take the native step instead, which is faster still (models/native_step.py).
         device: cpu or cuda.
         json_schema: a JSON schema file (or inline JSON; "{}" = any JSON object): every output is JSON that
             validates against it (constrained decoding with llguidance).
