@@ -186,7 +186,6 @@ def _smollm2(quick: bool) -> dict[str, Any]:
     return r
 
 
-
 def _python_step_runs(models: dict[str, torch.nn.Module], prompt: list[int], new: int, tokens: dict[str, list],
                       r: dict[str, Any], compile: bool) -> None:
     """The same models through the Python decode step (the native step's in-run reference), and that step
@@ -209,6 +208,7 @@ def _python_step_runs(models: dict[str, torch.nn.Module], prompt: list[int], new
 def _agree(a: list, b: list) -> int:
     """How many leading tokens two greedy runs share."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
 
 def _gpt2_small(quick: bool) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s, gpt2-small shape (random weights), our KV cache vs transformers."""

@@ -94,9 +94,12 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
         seen.scatter_(1, idx, mask.bool())
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
-    static = use_cache and model.cfg.arch == "decoder" and (compile or native_step(model, B) is not None)
+    # the one-call native step where it applies (Llama-shaped fp32/int8/int4 decoders, models/native_step.py),
+    # else the Python step over the same static cache when compiling
+    native = native_step(model, B) if use_cache and model.cfg.arch == "decoder" else None
+    static = native is not None or (compile and use_cache and model.cfg.arch == "decoder")
     if static:
-        step_call = step_fn(model, compile, B)
+        step_call = native if native is not None else step_fn(model, compile=True)
         cache = StaticKVCache(model.cfg, B, bucket(idx.size(1) + budget), device, model.tok_emb.weight.dtype)
     else:
         cache = model.new_cache(B, idx.size(1) + budget) if use_cache else None

@@ -22,7 +22,6 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.models.config import ModelConfig
 from llmkit.models.kv_cache import KVCache
-from llmkit.models.native_step import native_step
 
 COMPILE_MODE = os.environ.get("LLMKIT_COMPILE_MODE", "default")  # measured in docs/inference.md
 # inductor (C++ codegen) for speed; tests use aot_eager: the same capture of the fixed-shape graph, no C++ build
@@ -81,14 +80,8 @@ def check_compiler() -> None:
 _compiled: weakref.WeakKeyDictionary[nn.Module, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def step_fn(model: nn.Module, compile: bool, rows: int = 1
-            ) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
-    """The decode step for `model` at `rows` rows: the one-call native step where it applies (Llama-shaped
-    fp32/int8/int4 decoders on llmkit's kernels, models/native_step.py), else compiled once per model (and
-    per cache shape), or eager."""
-    native = native_step(model, rows)
-    if native is not None:
-        return native
+def step_fn(model: nn.Module, compile: bool) -> Callable[[torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]:
+    """The decode step for `model`: compiled once per model (and per cache shape), or eager."""
     if not compile:
         return lambda idx, pos, cache: decode_step(model, idx, pos, cache)
     if model not in _compiled:

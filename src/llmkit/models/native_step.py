@@ -59,37 +59,50 @@ def why_not(model: nn.Module) -> str:
     for ok, why in checks:
         if not ok:
             return why
-    for name in ("final_norm",) + tuple(f"blocks.{i}.{n}" for i in range(c.n_layer) for n in ("norm1", "norm2")):
-        norm = model.get_submodule(name)
+    for i, norm in enumerate(_norms(model)):
         if isinstance(norm, OffsetRMSNorm) or not isinstance(norm, nn.RMSNorm) or norm.weight is None:
-            return f"{name} is not an affine RMSNorm"
-    for name in _linear_names(model):
-        m = model.get_submodule(name)
+            return f"{_norm_name(i, c.n_layer)} is not an affine RMSNorm"
+    for i, m in enumerate(_linears(model)):
         if type(m) is nn.Linear:  # exactly: subclasses (LoRA, ...) have their own forward
             w = m.weight
             if w.dtype != torch.float32 or not w.is_contiguous() or m.in_features % 8:
-                return f"{name} is not a contiguous fp32 weight with in_features % 8 == 0"
+                return f"{_linear_name(i, c.n_layer)} is not a contiguous fp32 weight with in_features % 8 == 0"
         elif not isinstance(m, QuantLinear) or m._tiles is None:
-            return f"{name} neither is fp32 nor runs llmkit's quantized kernels"
+            return f"{_linear_name(i, c.n_layer)} neither is fp32 nor runs llmkit's quantized kernels"
     if not qkernel.available():
         return qkernel.why_unavailable()
     return ""
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    per_layer = ("attn.qkv", "attn.proj", "mlp.gate", "mlp.fc", "mlp.proj")  # step.cpp's order
-    return [f"blocks.{i}.{n}" for i in range(model.cfg.n_layer) for n in per_layer] + ["lm_head"]
+# The modules step.cpp is given, in its order, by attribute (a dotted `get_submodule` per module made every
+# `native_step` call cost ~4 ms on SmolLM2); names only for messages.
+_PER_LAYER = ("attn.qkv", "attn.proj", "mlp.gate", "mlp.fc", "mlp.proj")
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    """5 Linears per layer (qkv, o, gate, up, down), then the head."""
+    return [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.gate, b.mlp.fc, b.mlp.proj)] + [
+        model.lm_head]
+
+
+def _linear_name(i: int, n_layer: int) -> str:
+    return "lm_head" if i == 5 * n_layer else f"blocks.{i // 5}.{_PER_LAYER[i % 5]}"
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
+    """2 norms per layer, then the final one."""
     return [n for b in model.blocks for n in (b.norm1, b.norm2)] + [model.final_norm]
+
+
+def _norm_name(i: int, n_layer: int) -> str:
+    return "final_norm" if i == 2 * n_layer else f"blocks.{i // 2}.norm{i % 2 + 1}"
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
     """Every tensor whose address step.cpp is given: the Linears' weights or tiles, scales, mins and biases,
     and the norms' weights."""
     out = []
-    for m in map(model.get_submodule, _linear_names(model)):
+    for m in _linears(model):
         parts = (m.weight, m.bias) if type(m) is nn.Linear else (m._tiles, m.scales, getattr(m, "mins", None), m.bias)
         out += [t for t in parts if t is not None]
     return out + [n.weight for n in _norms(model)]
@@ -115,7 +128,7 @@ class NativeStep:
         c = model.cfg
         self.model = weakref.proxy(model)
         self.cfg = c
-        lins = [model.get_submodule(n) for n in _linear_names(model)]
+        lins = _linears(model)
         # the storages the pointers below point into, held (detached views) so that even a step kept past a
         # change of its model's weights reads live memory; `native_step` rebuilds when the addresses change
         self.held = [t.detach() for t in _tensors(model)]
