@@ -156,12 +156,14 @@ def test_smollm2_gguf_maps_onto_int4_and_int8(smol, monkeypatch):
     """The shipped Q4_1 file: every block Linear becomes int4 (group 32, exact), the Q8_0 head int8.
 
     Logits against the fp32 (dequantized) model: with fp32 activations the Q4_1 layers are the same numbers,
-    so only the head's per-row re-rounding differs (measured 1.1% relative L2; bound 2%); bf16: 1.9% (bound 4%).
+    so only the head's per-row re-rounding differs (measured 1.1% relative L2; bound 2%); bf16: 1.9% (bound 4%);
+    the VNNI int4 product's int8 activations (where the CPU has it): 11.4% (bound 15%), the same top token.
     """
     import copy
 
     from llmkit.data.corpus import package_dir
     from llmkit.interop.gguf_quant import map_quantized
+    from llmkit.models import qkernel
     from llmkit.models.quant import QuantLinear, prepare_quantized
 
     _, _, model, tok = smol
@@ -174,9 +176,15 @@ def test_smollm2_gguf_maps_onto_int4_and_int8(smol, monkeypatch):
     x = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
     with torch.no_grad():
         want = model(x).logits
-        for act, tol in (("fp32", 0.02), ("bf16", 0.04)):
-            monkeypatch.setenv("LLMKIT_QUANT_ACT", act)
-            prepare_quantized(qmodel)
-            got = qmodel(x).logits
-            assert (got - want).norm() / want.norm() < tol, act
-            assert got[0, -1].argmax() == want[0, -1].argmax()
+        int4_act = qkernel.int4_act()
+        cases = [("fp32", 32, 0.02), ("bf16", 32, 0.04)] + ([("fp32", 8, 0.15)] if qkernel.has_vnni() else [])
+        try:
+            for act, int4, tol in cases:
+                monkeypatch.setenv("LLMKIT_QUANT_ACT", act)
+                qkernel.set_int4_act(int4)
+                prepare_quantized(qmodel)
+                got = qmodel(x).logits
+                assert (got - want).norm() / want.norm() < tol, (act, int4, float((got - want).norm() / want.norm()))
+                assert got[0, -1].argmax() == want[0, -1].argmax()
+        finally:
+            qkernel.set_int4_act(int4_act)

@@ -20,6 +20,16 @@ from llmkit.models.quant import prepare_quantized, quantize_model
 pytestmark = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
 
 
+@pytest.fixture(autouse=True)
+def fp32_int4_products():
+    """The step's structure is compared with fp32 products: the VNNI int4 product rounds x to int8 per block,
+    where a 1e-7 difference between two correct paths can move one step (test_vnni_int4_step_is_close)."""
+    old = qkernel.int4_act()
+    qkernel.set_int4_act(32)
+    yield
+    qkernel.set_int4_act(old)
+
+
 def _quantized(bits: int | None, group: int | None, **kw):
     """A random llama-tiny with GQA, quantized to `bits` (None: fp32 as built)."""
     torch.manual_seed(0)
@@ -219,3 +229,24 @@ def test_row_start_skips_the_keys_before_it():
     assert not torch.allclose(step.run(idx, p, c.k, c.v, c.valid, pos)[0], own[0], atol=1e-3)
     with pytest.raises(ValueError, match="start"):
         step.run(idx, p, c.k, c.v, c.valid, pos, start=torch.tensor([pos + 1, 0]))
+
+
+@pytest.mark.skipif(not qkernel.has_vnni(), reason="no AVX-512 VNNI: the int4 product is fp32")
+def test_vnni_int4_step_is_close():
+    """With int8 activations (per 32-column block) in the int4 products, the native step still follows the
+    Python step within the activations' rounding: 3e-2 of the largest logit."""
+    qkernel.set_int4_act(8)
+    model = _quantized(4, 32)
+    B, prompts = 2, [list(range(3, 17)), list(range(40, 45))]
+    idx, mask = left_pad(prompts, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [StaticKVCache(model.cfg, B, 64) for _ in range(2)]
+    step = ns.native_step(model, B)
+    with torch.no_grad():
+        for c in caches:
+            model(idx, attention_mask=mask, position_ids=pos, cache=c, last_only=True)
+            c.write_pos.fill_(c.pos)
+            c.static = True
+        tok, p = torch.tensor([[5], [6]]), pos[:, -1:] + 1
+        want, got = decode_step(model, tok, p, caches[0]), step(tok, p, caches[1])
+    assert torch.allclose(got, want, atol=3e-2 * float(want.abs().max()), rtol=0)

@@ -4,6 +4,7 @@ against fp32, the command's round trip through `llmkit.load`, and its refusals."
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from llmkit.models.config import preset
 from llmkit.models.load import load
 from llmkit.models.quant import QuantLinear, prepare_quantized, quantize_model
 
+HERE = Path(__file__).parent
+
 
 def reference_dequant(q: QuantLinear) -> torch.Tensor:
     """The stored format, decoded straight from its definition (not via QuantLinear.dequantize)."""
@@ -29,6 +32,15 @@ def reference_dequant(q: QuantLinear) -> torch.Tensor:
     scale = q.scales.double().repeat_interleave(g, 1)
     mins = q.mins.double().repeat_interleave(g, 1)
     return ints * scale + mins
+
+
+def reference_int8_act(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x as the VNNI int4 product sees it: each 32-column block rounded to int8 steps of max|x| / 127 (the
+    kernel's fp32 arithmetic: x * (127 / max), rounded half to even, times max / 127), in fp64."""
+    xb = x.reshape(x.size(0), -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).double() * (amax / 127).double()).reshape_as(x)
 
 
 needs_kernel = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
@@ -46,10 +58,17 @@ def test_quant_linear_matches_dequantized_matmul(bits, group, act, own, rows):
     q.prepare(act, own_kernel=own)
     assert (q._tiles is not None) == own
     x = torch.randn(rows, 256)
-    want = (x.double() @ reference_dequant(q).T + lin.bias.double()).float()
-    got = q(x)
+    int8_act = own and rows <= 16 and bits == 4 and qkernel.int4_act() == 8
+    w = reference_dequant(q)
+    if int8_act:  # the VNNI product: int8 x against q * scale, the exact x against the mins
+        mins = q.mins.double().repeat_interleave(group, 1)
+        want = (reference_int8_act(x) @ (w - mins).T + x.double() @ mins.T + lin.bias.double()).float()
+    else:
+        want = (x.double() @ w.T + lin.bias.double()).float()
+    got = q(x).detach()
     # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 (llmkit's kernel on fp32
-    # activations for <= 16 rows, a dense fp32 weight otherwise): 1e-5
+    # activations for <= 16 rows, a dense fp32 weight otherwise) and the VNNI int4 product against x rounded
+    # to int8 the same way (the products are then exact integers): 1e-5
     tol = 2e-2 if act is not None and not (own and rows <= 16) else 1e-5
     assert (got - want).abs().max() <= tol * want.abs().max()
     # and the quantization error itself is small against the fp32 layer (int4 groups: ~5-10%)
@@ -201,3 +220,21 @@ def test_quantized_checkpoint_exports_dequantized(llama_ckpt, tmp_path):
         got, want = hf(x).logits, qmodel(x).logits
     # the tied head is exported as the fp32 embedding (HF ties them), so allow the int8 head's error too
     assert (got - want).norm() / want.norm() < 0.03
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512f" not in qkernel.cpu_flags() or bool(qkernel.isa_flags()),
+                    reason="the CPU has no AVX-512 (the AVX2 code is what the other tests ran)")
+def test_avx2_build_on_an_avx512_cpu():
+    """The AVX2 code paths (what a CPU without AVX-512 runs) built with -mno-avx512f and checked by the same
+    kernel and native-step tests, in a subprocess (the library is loaded once per process)."""
+    import os
+    import sys
+
+    env = {**os.environ, "LLMKIT_KERNEL_ISA": "avx2", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                        str(HERE / "test_quant.py"), str(HERE / "test_native_step.py"),
+                        "-k", "matches_dequantized or equals_python_step or chunk_of_tokens"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]

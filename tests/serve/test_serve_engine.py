@@ -206,7 +206,8 @@ def test_mean_pool_embeddings_ignore_padding(model_tok):
 
 def test_chunked_prefill_equals_whole_prefill(small_model):
     """A left-padded batch prefilled in 5-token chunks through the cache gives the logits of one whole
-    prefill (atol 1e-5), for the last position of every row."""
+    prefill (atol 1e-5), for the last position of every row. Where a quantized model's long inputs run one
+    bf16 GEMM (a CPU with bf16) and its 10-row chunks the fp32 kernels: 3e-2 of the largest logit."""
     from llmkit.data.batching import left_pad
 
     model, tok = small_model
@@ -219,7 +220,9 @@ def test_chunked_prefill_equals_whole_prefill(small_model):
         for a in range(0, idx.size(1), 5):
             part = model(idx[:, a:a + 5], attention_mask=mask[:, a:a + 5], position_ids=pos[:, a:a + 5],
                          cache=cache, last_only=True).logits
-    assert torch.allclose(part, whole, atol=1e-5)
+    bf16 = any(getattr(m, "_act", None) == torch.bfloat16 for m in model.modules())
+    tol = 3e-2 * float(whole.abs().max()) if bf16 else 1e-5
+    assert torch.allclose(part, whole, atol=tol, rtol=0), float((part - whole).abs().max())
 
 
 def test_engine_chunks_and_batches_prefills(small_model):

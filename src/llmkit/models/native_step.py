@@ -103,7 +103,7 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
     and the norms' weights."""
     out = []
     for m in _linears(model):
-        parts = (m.weight, m.bias) if type(m) is nn.Linear else (m._tiles, m.scales, getattr(m, "mins", None), m.bias)
+        parts = (m.weight, m.bias) if type(m) is nn.Linear else (m._tiles, m.scales if m.bits == 8 else m._sm, m.bias)
         out += [t for t in parts if t is not None]
     return out + [n.weight for n in _norms(model)]
 
@@ -117,8 +117,8 @@ def _key(model: nn.Module) -> tuple[int, ...]:
 def _lin(m: nn.Module) -> _Lin:
     if type(m) is nn.Linear:
         return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, None, _ptr(m.bias))
-    return _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles), _ptr(m.scales),
-                _ptr(getattr(m, "mins", None)) if m.bits == 4 else None, _ptr(m.bias))
+    return _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles),
+                _ptr(m.scales if m.bits == 8 else m._sm), None, _ptr(m.bias))
 
 
 class NativeStep:

@@ -28,7 +28,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 1, 2  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 2, 2  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -49,13 +49,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+def isa_flags() -> list[str]:
+    """Compiler flags that narrow -march=native: LLMKIT_KERNEL_ISA=avx2 builds the AVX2 code on a CPU with
+    AVX-512 too (for tests that check both paths, and for A/B measurements)."""
+    return ["-mno-avx512f"] if os.environ.get("LLMKIT_KERNEL_ISA", "") == "avx2" else []
+
+
 def _build(out: Path) -> None:
     torch_dir = Path(torch.__file__).parent
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++) found")
     with atomic_file(out) as tmp:
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
+        cmd = [cxx, "-O3", "-march=native", *isa_flags(), "-std=c++17", "-fopenmp", "-shared", "-fPIC",
                f"-I{torch_dir / 'include'}", *map(str, SOURCES), "-o", str(tmp),
                f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -71,7 +77,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "LLMKIT_QUANT_KERNEL=torch"
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         return None, "the CPU lacks AVX2/FMA"
-    machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(cpu_flags()))}"  # -march=native: per CPU
+    machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(cpu_flags()))}|{isa_flags()}"  # per CPU
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + machine.encode())
     path = cache_dir() / f"qmm-{key.hexdigest()[:16]}.so"
     try:
@@ -85,7 +91,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     P, N = ctypes.c_void_p, ctypes.c_int64
     lib.llmkit_f32_mm.argtypes = [P, P, P, N, N, N]
     lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
-    lib.llmkit_int4_mm.argtypes = [P, P, P, P, P, N, N, N, N]
+    lib.llmkit_int4_mm.argtypes = [P, P, P, P, N, N, N, N]
+    lib.llmkit_int4_act.argtypes, lib.llmkit_int4_act.restype = [ctypes.c_int], ctypes.c_int
+    lib.llmkit_int4_act(32 if os.environ.get("LLMKIT_INT4_ACT", "") == "fp32" else 8)
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
@@ -119,6 +127,32 @@ def tile_int4(packed: torch.Tensor) -> torch.Tensor:
     return packed.reshape(N // NB, NB, H // CHUNK, CHUNK).transpose(1, 2).contiguous()
 
 
+def tile_int4_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """(N, G) scales and mins -> (N/4, G, 2, 4): per tile and group the 4 rows' scales, then their mins, so
+    the kernel reads one group's 8 numbers for a tile in one place."""
+    N, G = scales.shape
+    t = torch.stack((scales.float(), mins.float()), 0).reshape(2, N // NB, NB, G)
+    return t.permute(1, 3, 0, 2).contiguous()
+
+
+def has_vnni() -> bool:
+    """Whether the built library has the AVX-512 VNNI int4 product (the CPU has it and the build is native)."""
+    return available() and not isa_flags() and {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
+
+
+def int4_act() -> int:
+    """The activation width of the int4 product: 8 where the CPU has AVX-512 VNNI (x quantized to int8 per
+    32-column block, as llama.cpp does), 32 otherwise or with LLMKIT_INT4_ACT=fp32."""
+    lib = _load()[0]
+    return int(lib.llmkit_int4_act(0)) if lib is not None else 32
+
+
+def set_int4_act(bits: int) -> int:
+    """Choose 8 (where built with VNNI) or 32 for the int4 product in this process; returns what is in effect."""
+    lib = _load()[0]
+    return int(lib.llmkit_int4_act(bits)) if lib is not None else 32
+
+
 # ----------------------------------------------------------------------------------------- the products
 
 
@@ -141,20 +175,18 @@ def _int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torc
     return y
 
 
-def _int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-             group_size: int) -> torch.Tensor:
+def _int4_mm(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
     M, K = x.shape
-    N = scales.size(0)
+    N = tiles.size(0) * NB
     y = torch.empty(M, N, dtype=torch.float32)
-    _load()[0].llmkit_int4_mm(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), mins.data_ptr(), y.data_ptr(),
-                              M, K, N, group_size)
+    _load()[0].llmkit_int4_mm(x.data_ptr(), tiles.data_ptr(), sm.data_ptr(), y.data_ptr(), M, K, N, group_size)
     return y
 
 
 # Operators for torch.compile, registered with the low-level define/impl API: its Python dispatch costs about
 # 10 us a call against about 45 us for torch.library.custom_op (measured), and a decode step makes ~150 calls.
 torch.library.define("llmkit::int8_mm", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor")
-torch.library.define("llmkit::int4_mm", "(Tensor x, Tensor tiles, Tensor scales, Tensor mins, int group_size) -> Tensor")
+torch.library.define("llmkit::int4_mm", "(Tensor x, Tensor tiles, Tensor sm, int group_size) -> Tensor")
 
 
 @torch.library.impl("llmkit::int8_mm", "CPU")
@@ -163,9 +195,8 @@ def _int8_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> 
 
 
 @torch.library.impl("llmkit::int4_mm", "CPU")
-def _int4_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                 group_size: int) -> torch.Tensor:
-    return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)
+def _int4_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _int4_mm(x.contiguous(), tiles, sm, group_size)
 
 
 @torch.library.register_fake("llmkit::int8_mm")
@@ -174,9 +205,8 @@ def _int8_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) ->
 
 
 @torch.library.register_fake("llmkit::int4_mm")
-def _int4_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                  group_size: int) -> torch.Tensor:
-    return x.new_empty(x.size(0), scales.size(0))
+def _int4_mm_fake(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.size(0), tiles.size(0) * NB)
 
 
 def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -186,9 +216,8 @@ def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch
     return _int8_mm(x.contiguous(), tiles, scales)
 
 
-def int4_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-            group_size: int) -> torch.Tensor:
-    """y (M, N) = x (M, K) fp32 @ (q * scales + mins)^T from `tile_int4` tiles."""
+def int4_mm(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp32 @ (q * scales + mins)^T from `tile_int4` tiles and `tile_int4_scales`."""
     if torch.compiler.is_compiling():
-        return torch.ops.llmkit.int4_mm(x, tiles, scales, mins, group_size)
-    return _int4_mm(x.contiguous(), tiles, scales, mins, group_size)
+        return torch.ops.llmkit.int4_mm(x, tiles, sm, group_size)
+    return _int4_mm(x.contiguous(), tiles, sm, group_size)

@@ -144,9 +144,13 @@ class QuantLinear(nn.Module):
         dense copy is kept. Otherwise: PyTorch's integer kernels on bf16 activations (act_dtype bf16) or a
         dense fp32 weight (act_dtype None)."""
         self._act = act_dtype
-        self._dense, self._kernel, self._tiles = None, (), None
+        self._dense, self._kernel, self._tiles, self._sm = None, (), None, None
         if own_kernel and qkernel.fits(self.out_features, self.in_features, self.bits):
-            self._tiles = (qkernel.tile_int8(self.qweight) if self.bits == 8 else qkernel.tile_int4(self.qweight))
+            if self.bits == 8:
+                self._tiles = qkernel.tile_int8(self.qweight)
+            else:
+                self._tiles = qkernel.tile_int4(self.qweight)
+                self._sm = qkernel.tile_int4_scales(self.scales, self.mins)
         elif act_dtype is None:
             self._dense = self.dequantize()
         elif self.bits == 8:
@@ -171,7 +175,7 @@ class QuantLinear(nn.Module):
         elif self._tiles is not None:  # llmkit's kernels, fp32 activations
             x2 = x2.float()
             y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
-                 qkernel.int4_mm(x2, self._tiles, self.scales, self.mins, self.group_size))
+                 qkernel.int4_mm(x2, self._tiles, self._sm, self.group_size))
         elif self.bits == 8:
             y = torch._weight_int8pack_mm(x2.to(self._act), *self._kernel)
         else:

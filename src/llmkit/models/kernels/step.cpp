@@ -18,8 +18,8 @@
 extern "C" {
 void llmkit_f32_mm(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N);
 void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N);
-void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SC, const float* MN, float* Y, int64_t M,
-                    int64_t K, int64_t N, int64_t g);
+void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K, int64_t N,
+                    int64_t g);
 }
 
 namespace {
@@ -29,8 +29,8 @@ namespace {
 struct Lin {
   int64_t bits, N, K, g;
   const void* w;      // tiles, or the (N, K) fp32 weight
-  const float* s;     // scales: (N,) for int8, (N, K/g) for int4, null for fp32
-  const float* mn;    // int4 mins (N, K/g), else null
+  const float* s;     // int8 scales (N,); int4 tiled scales and mins (N/4, K/g, 2, 4); null for fp32
+  const float* mn;    // unused (null)
   const float* bias;  // (N,) or null
 };
 
@@ -40,7 +40,7 @@ void linear(const Lin& L, const float* x, float* y, int64_t M) {
   else if (L.bits == 8)
     llmkit_int8_mm(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N);
   else
-    llmkit_int4_mm(x, static_cast<const uint8_t*>(L.w), L.s, L.mn, y, M, L.K, L.N, L.g);
+    llmkit_int4_mm(x, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g);
   if (L.bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < L.N; ++n) y[m * L.N + n] += L.bias[n];
