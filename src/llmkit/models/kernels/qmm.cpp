@@ -279,56 +279,60 @@ void int4_vnni_tile(const int8_t* XQ, const float* DX, const float* XS, const ui
 
 extern "C" {
 
-int llmkit_qmm_abi() { return 2; }
+int llmkit_qmm_abi() { return 3; }
+
+// The products in two forms: llmkit_*_mm runs one on PyTorch's thread pool, and llmkit_*_range computes output
+// tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among the
+// threads of one OpenMP region (a region opened from a thread other than the process's first costs ~30 us,
+// and a step has ~150 products). llmkit_*_grain is the fewest tiles worth a thread of their own.
+
+int64_t llmkit_int8_grain(int64_t K) { return std::max<int64_t>(1, MIN_BYTES / (NB * K)); }
+int64_t llmkit_f32_grain(int64_t K) { return std::max<int64_t>(1, MIN_BYTES / (NB * K * 4)); }
+int64_t llmkit_int4_grain(int64_t K) { return std::max<int64_t>(1, 2 * MIN_BYTES / (NB * K)); }
 
 // Y (M, N) = X (M, K) @ (q * S)^T with Q the tiled int8 weight (N/4, K/16, 4, 16). N % 4 == 0, K % 16 == 0.
+void llmkit_int8_range(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N,
+                       int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t)
+    over_rows(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB); });
+}
 void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, N / NB, std::max<int64_t>(1, MIN_BYTES / (NB * K)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      over_rows(M, [&](auto mt, int64_t m0) {
-        int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB);
-      });
-  });
+  at::parallel_for(0, N / NB, llmkit_int8_grain(K),
+                   [&](int64_t t0, int64_t t1) { llmkit_int8_range(X, Q, S, Y, M, K, N, t0, t1); });
 }
 
-// Y (M, N) = X (M, K) @ W^T with W the row-major fp32 weight (N, K). K % 8 == 0; any N.
+// Y (M, N) = X (M, K) @ W^T with W the row-major fp32 weight (N, K). K % 8 == 0; any N ((N + 3) / 4 tiles).
+void llmkit_f32_range(const float* X, const float* Wt, float* Y, int64_t M, int64_t K, int64_t N, int64_t t0,
+                      int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t)
+    over_rows(M, [&](auto mt, int64_t m0) {
+      f32_tile<decltype(mt)::value>(X, Wt, Y, K, N, m0, t * NB, std::min<int64_t>(NB, N - t * NB));
+    });
+}
 void llmkit_f32_mm(const float* X, const float* Wt, float* Y, int64_t M, int64_t K, int64_t N) {
-  const int64_t tiles = (N + NB - 1) / NB;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, MIN_BYTES / (NB * K * 4)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      over_rows(M, [&](auto mt, int64_t m0) {
-        f32_tile<decltype(mt)::value>(X, Wt, Y, K, N, m0, t * NB, std::min<int64_t>(NB, N - t * NB));
-      });
-  });
+  at::parallel_for(0, (N + NB - 1) / NB, llmkit_f32_grain(K),
+                   [&](int64_t t0, int64_t t1) { llmkit_f32_range(X, Wt, Y, M, K, N, t0, t1); });
 }
 
 // Y (M, N) = X (M, K) @ (q * scale + min)^T with P the tiled int4 weight (N/4, K/32, 4, 16 bytes) and SM the
 // tiled scales and mins (N/4, K/g, 2, 4): per tile and group the 4 rows' scales, then their 4 mins.
 // N % 4 == 0, g % 32 == 0, K % g == 0. Where the CPU has AVX-512 VNNI and int4_act is 8 (the default), x is
 // quantized to int8 per 32-column block (see int4_vnni_tile); else the product is fp32 throughout.
-void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K, int64_t N,
-                    int64_t g) {
-  const int64_t grain = std::max<int64_t>(1, 2 * MIN_BYTES / (NB * K));
+// x is first rearranged once into a scratch of llmkit_int4_scratch(M, K) bytes by llmkit_int4_prep.
+int64_t llmkit_int4_scratch(int64_t M, int64_t K) { return M * K * 4 + 2 * M * (K / (2 * CH)) * 4; }
+
+void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch) {
+  float* xp = static_cast<float*>(scratch);
 #ifdef LLMKIT_VNNI
-  if (int4_act == 8) {
+  if (int4_act == 8) {  // int8 x, then each block's dx, then its exact sum
     const int64_t nb = K / (2 * CH);
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> dx(M * nb), xs(M * nb);
-    for (int64_t m = 0; m < M; ++m) quantize_blocks(X + m * K, K, xq.data() + m * K, dx.data() + m * nb, xs.data() + m * nb);
-    at::parallel_for(0, N / NB, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-          const int64_t mt = std::min<int64_t>(4, M - m0);
-          const auto f = mt == 1 ? int4_vnni_tile<1> : mt == 2 ? int4_vnni_tile<2> : mt == 3 ? int4_vnni_tile<3>
-                                                                                          : int4_vnni_tile<4>;
-          f(xq.data(), dx.data(), xs.data(), P + t * NB * (K / 2), SM + t * (K / g) * 2 * NB, Y, K, N, g, m0, t * NB);
-        }
-    });
+    int8_t* xq = static_cast<int8_t*>(scratch);
+    float* dx = xp + M * K;
+    for (int64_t m = 0; m < M; ++m) quantize_blocks(X + m * K, K, xq + m * K, dx + m * nb, dx + M * nb + m * nb);
     return;
   }
 #endif
-  std::vector<float> xp(M * K);  // x with each block's even columns first, then its odd ones
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M; ++m) {  // x with each block's even columns first, then its odd ones
     const float* x = X + m * K;
     for (int64_t b = 0; b < K; b += 2 * CH)
       for (int c = 0; c < CH; ++c) {
@@ -336,12 +340,38 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y,
         xp[m * K + b + CH + c] = x[b + 2 * c + 1];
       }
   }
-  at::parallel_for(0, N / NB, grain, [&](int64_t t0, int64_t t1) {
+}
+
+void llmkit_int4_range(const void* scratch, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K,
+                       int64_t N, int64_t g, int64_t t0, int64_t t1) {
+  const float* xp = static_cast<const float*>(scratch);
+#ifdef LLMKIT_VNNI
+  if (int4_act == 8) {
+    const int64_t nb = K / (2 * CH);
+    const int8_t* xq = static_cast<const int8_t*>(scratch);
+    const float *dx = xp + M * K, *xs = dx + M * nb;
     for (int64_t t = t0; t < t1; ++t)
-      over_rows(M, [&](auto mt, int64_t m0) {
-        int4_tile<decltype(mt)::value>(xp.data(), P + t * NB * (K / 2), SM, Y, K, N, g, m0, t * NB);
-      });
-  });
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mt = std::min<int64_t>(4, M - m0);
+        const auto f = mt == 1 ? int4_vnni_tile<1> : mt == 2 ? int4_vnni_tile<2> : mt == 3 ? int4_vnni_tile<3>
+                                                                                        : int4_vnni_tile<4>;
+        f(xq, dx, xs, P + t * NB * (K / 2), SM + t * (K / g) * 2 * NB, Y, K, N, g, m0, t * NB);
+      }
+    return;
+  }
+#endif
+  for (int64_t t = t0; t < t1; ++t)
+    over_rows(M, [&](auto mt, int64_t m0) {
+      int4_tile<decltype(mt)::value>(xp, P + t * NB * (K / 2), SM, Y, K, N, g, m0, t * NB);
+    });
+}
+
+void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K, int64_t N,
+                    int64_t g) {
+  std::vector<float> scratch((llmkit_int4_scratch(M, K) + 3) / 4);
+  llmkit_int4_prep(X, M, K, scratch.data());
+  at::parallel_for(0, N / NB, llmkit_int4_grain(K),
+                   [&](int64_t t0, int64_t t1) { llmkit_int4_range(scratch.data(), P, SM, Y, M, K, N, g, t0, t1); });
 }
 
 // The activation width of the int4 product: 8 (int8 per block, where built with VNNI) or 32. Returns the

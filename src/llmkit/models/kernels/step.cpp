@@ -9,6 +9,13 @@
 // the write position. Built with qmm.cpp into one library by llmkit/models/qkernel.py.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include <algorithm>
 #include <cmath>
@@ -16,13 +23,109 @@
 #include <vector>
 
 extern "C" {
-void llmkit_f32_mm(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N);
-void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N);
-void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K, int64_t N,
-                    int64_t g);
+int64_t llmkit_int8_grain(int64_t K);
+int64_t llmkit_f32_grain(int64_t K);
+int64_t llmkit_int4_grain(int64_t K);
+void llmkit_int8_range(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N,
+                       int64_t t0, int64_t t1);
+void llmkit_f32_range(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N, int64_t t0,
+                      int64_t t1);
+int64_t llmkit_int4_scratch(int64_t M, int64_t K);
+void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch);
+void llmkit_int4_range(const void* scratch, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K,
+                       int64_t N, int64_t g, int64_t t0, int64_t t1);
 }
 
 namespace {
+
+// The step's own threads. Why not OpenMP: a team opened from a thread other than the process's first (the
+// serving engine's) gets throttled spinning once the process holds more OpenMP threads than CPUs (the main
+// thread's team counts), so its workers sleep at every barrier: the same step took 14 ms there against 5.5 ms
+// on the main thread (SmolLM2-135M int8, 2 threads). These workers spin on an atomic for ~0.2 ms after a job
+// and then sleep on a condition variable, so an idle process costs nothing; the caller is thread 0.
+class Pool {
+ public:
+  static Pool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; }); });
+    if (!instance()) instance() = new Pool();  // never freed: its detached workers outlive static destructors
+    return *instance();
+  }
+  // fn(tid, nt) on nt threads (the caller is tid 0); returns when all are done.
+  // Calls from several Python threads at once take turns (ctypes releases the GIL).
+  void run(int nt, const std::function<void(int, int)>& fn) {
+    std::lock_guard<std::mutex> turn(run_mu_);
+    while (workers_.load() < nt - 1) {  // a new worker waits for the generation after the current one
+      std::thread(&Pool::work, this, workers_.load() + 1, gen_.load()).detach();
+      ++workers_;
+    }
+    job_ = &fn;
+    n_ = nt;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    fn(0, nt);
+    while (done_.load(std::memory_order_acquire) < workers_) _mm_pause();
+  }
+  // All n_ threads of the current job meet here.
+  void barrier() {
+    const uint64_t ph = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(ph + 1, std::memory_order_release);
+    } else {
+      while (phase_.load(std::memory_order_acquire) == ph) _mm_pause();
+    }
+  }
+
+ private:
+  static Pool*& instance() {
+    static Pool* p = nullptr;
+    return p;
+  }
+  void work(int tid, uint64_t seen) {
+    for (;;) {
+      uint64_t g;
+      for (int i = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++i) {
+        if (i < 20000) {
+          _mm_pause();
+        } else {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = g;
+      if (tid < n_) (*job_)(tid, n_);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+  std::atomic<int> workers_{0}, done_{0}, arrived_{0};
+  std::atomic<uint64_t> gen_{0}, phase_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int n_ = 1;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+};
+
+// One thread's view of the step's job: its index, the thread count, and the helpers that stand for OpenMP's
+// single / for / barrier.
+struct Team {
+  int tid, nt;
+  void barrier() const { Pool::get().barrier(); }
+  template <typename F>
+  void single(F f) const {  // thread 0 runs f; everyone waits for it
+    if (tid == 0) f();
+    barrier();
+  }
+  template <typename F>
+  void each(int64_t n, F f) const {  // [0, n) split in contiguous shares; everyone waits for all
+    for (int64_t i = n * tid / nt, e = n * (tid + 1) / nt; i < e; ++i) f(i);
+    barrier();
+  }
+};
 
 // One Linear (mirrored by ctypes in models/native_step.py): bits 8/4 in qmm.cpp's tile layout, or 32 for the
 // model's own row-major fp32 weight.
@@ -34,16 +137,34 @@ struct Lin {
   const float* bias;  // (N,) or null
 };
 
-void linear(const Lin& L, const float* x, float* y, int64_t M) {
-  if (L.bits == 32)
-    llmkit_f32_mm(x, static_cast<const float*>(L.w), y, M, L.K, L.N);
-  else if (L.bits == 8)
-    llmkit_int8_mm(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N);
-  else
-    llmkit_int4_mm(x, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g);
+// Thread tid's share [a, b) of n tiles among nt threads, each with at least `grain` tiles (fewer threads for a
+// small layer, as at::parallel_for's grain does).
+inline void share(int64_t n, int64_t grain, int tid, int nt, int64_t& a, int64_t& b) {
+  const int64_t use = std::clamp<int64_t>(n / grain, 1, nt);
+  a = tid < use ? n * tid / use : n;
+  b = tid < use ? n * (tid + 1) / use : n;
+}
+
+// y = x W^T (+ bias), called by every thread of the step; returns after a barrier. scratch: the
+// int4 product's rearranged x (llmkit_int4_scratch bytes).
+void linear(const Lin& L, const float* x, float* y, int64_t M, void* scratch, const Team& tm) {
+  int64_t a, b;
+  if (L.bits == 32) {
+    share((L.N + 3) / 4, llmkit_f32_grain(L.K), tm.tid, tm.nt, a, b);
+    llmkit_f32_range(x, static_cast<const float*>(L.w), y, M, L.K, L.N, a, b);
+  } else if (L.bits == 8) {
+    share(L.N / 4, llmkit_int8_grain(L.K), tm.tid, tm.nt, a, b);
+    llmkit_int8_range(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
+  } else {
+    tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
+    share(L.N / 4, llmkit_int4_grain(L.K), tm.tid, tm.nt, a, b);
+    llmkit_int4_range(scratch, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g, a, b);
+  }
+  tm.barrier();
   if (L.bias)
-    for (int64_t m = 0; m < M; ++m)
+    tm.each(M, [&](int64_t m) {
       for (int64_t n = 0; n < L.N; ++n) y[m * L.N + n] += L.bias[n];
+    });
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, per row (torch.nn.RMSNorm)
@@ -168,59 +289,75 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
 // are split into parts of >= 256 keys (at most 8) that are merged with their (max, sum), as flash-decoding
 // does. The split depends only on the row's own key count, so a token's result is the same whatever the
 // batch, chunk or thread count. A group's query heads share one read of each key and value.
-void attention(const float* qkv, const float* K, const float* V, const uint8_t* valid, const int64_t* start,
-               float* att, int64_t B, int64_t T, int64_t nh, int64_t nkv, int64_t hd, int64_t S, int64_t pos,
-               float scale) {
-  constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
-  const int64_t g = nh / nkv, nq = nh * hd, width = nq + 2 * nkv * hd, M = B * T;
-  auto parts_of = [&](int64_t n) { return std::clamp<int64_t>(n / MIN_KEYS, 1, MAX_PARTS); };
-  auto first = [&](int64_t b) { return start ? start[b] : int64_t{0}; };
-  int64_t lo = pos;
-  for (int64_t b = 0; b < B; ++b) lo = std::min(lo, first(b));
-  const int64_t P = parts_of(pos + T - lo);  // task slots per (token, group); a token uses parts_of(its keys)
-  std::vector<float> po(M * nkv * P * g * hd), pm(M * nkv * P * g), pl(M * nkv * P * g);
-  at::parallel_for(0, M * nkv * P, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / (nkv * P), kv = t / P % nkv, part = t % P;
-      const int64_t b = r / T, a = first(b), n = pos + r % T + 1 - a, parts = parts_of(n);
-      const int64_t span = (n + parts - 1) / parts;
-      if (part >= parts) continue;
-      const int64_t s0 = a + part * span, s1 = a + std::min(n, part * span + span);
-      p.resize(span * g);
-      const float* Kh = K + (b * nkv + kv) * S * hd;
-      const float* Vh = V + (b * nkv + kv) * S * hd;
-      attend_part(qkv + r * width + kv * g * hd, hd, Kh, Vh, valid + b * S, s0, s1, g, hd, scale,
-                  po.data() + t * g * hd, pm.data() + t * g, pl.data() + t * g, p.data());
-    }
+struct Attn {  // the layer-independent shape of a step's attention, and its per-part results
+  static constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
+  int64_t B, T, nh, nkv, hd, S, pos, g, M, P;
+  const int64_t* start;
+  std::vector<float> po, pm, pl;
+  static int64_t parts_of(int64_t n) { return std::clamp<int64_t>(n / MIN_KEYS, 1, MAX_PARTS); }
+  int64_t first(int64_t b) const { return start ? start[b] : int64_t{0}; }
+  Attn(int64_t B_, int64_t T_, int64_t nh_, int64_t nkv_, int64_t hd_, int64_t S_, int64_t pos_, const int64_t* st)
+      : B(B_), T(T_), nh(nh_), nkv(nkv_), hd(hd_), S(S_), pos(pos_), g(nh_ / nkv_), M(B_ * T_), start(st) {
+    int64_t lo = pos;
+    for (int64_t b = 0; b < B; ++b) lo = std::min(lo, first(b));
+    P = parts_of(pos + T - lo);  // task slots per (token, group); a token uses parts_of(its keys)
+    po.resize(M * nkv * P * g * hd);
+    pm.resize(M * nkv * P * g);
+    pl.resize(M * nkv * P * g);
+  }
+};
+
+// softmax(q K^T * scale over the valid keys <= its position) V for every token and query head, by every thread
+// of the step. Token t of row b sits at buffer position pos + t and sees keys [start[b], pos + t]: a
+// row that starts late in a shared buffer (the serving engine's) scans only its own span. Tasks are (token, KV
+// group, key range): long spans are split into parts of >= 256 keys (at most 8) that are merged with their
+// (max, sum), as flash-decoding does. The split depends only on the row's own key count, so a token's result
+// is the same whatever the batch, chunk or thread count. A group's query heads share one read of each key and
+// value. p: this thread's score buffer.
+void attention(Attn& A, const float* qkv, const float* K, const float* V, const uint8_t* valid, float* att,
+               float scale, std::vector<float>& p, const Team& tm) {
+  const int64_t g = A.g, hd = A.hd, nkv = A.nkv, P = A.P, T = A.T, S = A.S, pos = A.pos;
+  const int64_t nq = A.nh * hd, width = nq + 2 * nkv * hd;
+  tm.each(A.M * nkv * P, [&](int64_t t) {
+    const int64_t r = t / (nkv * P), kv = t / P % nkv, part = t % P;
+    const int64_t b = r / T, a = A.first(b), n = pos + r % T + 1 - a, parts = Attn::parts_of(n);
+    const int64_t span = (n + parts - 1) / parts;
+    if (part >= parts) return;
+    const int64_t s0 = a + part * span, s1 = a + std::min(n, part * span + span);
+    p.resize(span * g);
+    const float* Kh = K + (b * nkv + kv) * S * hd;
+    const float* Vh = V + (b * nkv + kv) * S * hd;
+    attend_part(qkv + r * width + kv * g * hd, hd, Kh, Vh, valid + b * S, s0, s1, g, hd, scale,
+                A.po.data() + t * g * hd, A.pm.data() + t * g, A.pl.data() + t * g, p.data());
   });
-  for (int64_t r = 0; r < M; ++r)
+  tm.each(A.M, [&](int64_t r) {
     for (int64_t kv = 0; kv < nkv; ++kv)
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t t0 = (r * nkv + kv) * P, parts = parts_of(pos + r % T + 1 - first(r / T));
+        const int64_t t0 = (r * nkv + kv) * P, parts = Attn::parts_of(pos + r % T + 1 - A.first(r / T));
         float mx = -INFINITY;
-        for (int64_t q = 0; q < parts; ++q) mx = std::max(mx, pm[(t0 + q) * g + j]);
+        for (int64_t q = 0; q < parts; ++q) mx = std::max(mx, A.pm[(t0 + q) * g + j]);
         float sum = 0.f;
         float* out = att + r * nq + (kv * g + j) * hd;
         std::fill_n(out, hd, 0.f);
         for (int64_t q = 0; q < parts; ++q) {
-          const float mq = pm[(t0 + q) * g + j];
+          const float mq = A.pm[(t0 + q) * g + j];
           if (mq == -INFINITY) continue;  // a part with no valid key
           const float f = std::exp(mq - mx);
-          sum += pl[(t0 + q) * g + j] * f;
-          const float* o = po.data() + ((t0 + q) * g + j) * hd;
+          sum += A.pl[(t0 + q) * g + j] * f;
+          const float* o = A.po.data() + ((t0 + q) * g + j) * hd;
           for (int64_t i = 0; i < hd; ++i) out[i] += o[i] * f;
         }
         if (sum > 0.f)  // else a padding token that sees no valid key: zeros, never attended to
           for (int64_t i = 0; i < hd; ++i) out[i] /= sum;
       }
+  });
 }
 
 }  // namespace
 
 extern "C" {
 
-int llmkit_step_abi() { return 2; }
+int llmkit_step_abi() { return 3; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
@@ -237,34 +374,46 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
                 F = dims[7], S = dims[9], pos = dims[10], M = B * T;
   const int64_t nq = nh * hd, nk = nkv * hd, width = nq + 2 * nk;
   std::vector<float> h(M * C), qkv(M * width), att(M * nq), o(M * C), g(M * F), u(M * F);
-  for (int64_t l = 0; l < L; ++l) {
-    const Lin* lin = lins + 5 * l;
-    rmsnorm(x, norms[2 * l], h.data(), M, C, eps);
-    linear(lin[0], h.data(), qkv.data(), M);
-    float* K = kc[l];
-    float* Vc = vc[l];
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t b = r / T, dst = pos + r % T;
-      float* q = qkv.data() + r * width;
-      for (int64_t j = 0; j < nh; ++j) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
-      for (int64_t j = 0; j < nkv; ++j) {
-        rope(q + nq + j * hd, cos + r * hd, sin + r * hd, hd);
-        std::copy_n(q + nq + j * hd, hd, K + ((b * nkv + j) * S + dst) * hd);
-        std::copy_n(q + nq + nk + j * hd, hd, Vc + ((b * nkv + j) * S + dst) * hd);
-      }
+  std::vector<float> scratch((llmkit_int4_scratch(M, std::max({C, nq, F})) + 3) / 4);
+  Attn A(B, T, nh, nkv, hd, S, pos, start);
+  // The whole step is one job for the step's threads, its stages separated by barriers (see Pool).
+  const std::function<void(int, int)> job = [&](int tid, int nt) {
+    const Team tm{tid, nt};
+    std::vector<float> p;  // this thread's attention scores
+    for (int64_t l = 0; l < L; ++l) {
+      const Lin* lin = lins + 5 * l;
+      float* K = kc[l];
+      float* Vc = vc[l];
+      tm.single([&] { rmsnorm(x, norms[2 * l], h.data(), M, C, eps); });
+      linear(lin[0], h.data(), qkv.data(), M, scratch.data(), tm);
+      tm.each(M, [&](int64_t r) {
+        const int64_t b = r / T, dst = pos + r % T;
+        float* q = qkv.data() + r * width;
+        for (int64_t j = 0; j < nh; ++j) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
+        for (int64_t j = 0; j < nkv; ++j) {
+          rope(q + nq + j * hd, cos + r * hd, sin + r * hd, hd);
+          std::copy_n(q + nq + j * hd, hd, K + ((b * nkv + j) * S + dst) * hd);
+          std::copy_n(q + nq + nk + j * hd, hd, Vc + ((b * nkv + j) * S + dst) * hd);
+        }
+      });
+      attention(A, qkv.data(), K, Vc, valid, att.data(), scale, p, tm);
+      linear(lin[1], att.data(), o.data(), M, scratch.data(), tm);
+      tm.single([&] {
+        for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
+        rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
+      });
+      linear(lin[2], h.data(), g.data(), M, scratch.data(), tm);
+      linear(lin[3], h.data(), u.data(), M, scratch.data(), tm);
+      tm.each(M * F, [&](int64_t i) { g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i]; });  // silu(gate) * up
+      linear(lin[4], g.data(), o.data(), M, scratch.data(), tm);
+      tm.single([&] {
+        for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
+      });
     }
-    attention(qkv.data(), K, Vc, valid, start, att.data(), B, T, nh, nkv, hd, S, pos, scale);
-    linear(lin[1], att.data(), o.data(), M);
-    for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
-    rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
-    linear(lin[2], h.data(), g.data(), M);
-    linear(lin[3], h.data(), u.data(), M);
-    for (int64_t i = 0; i < M * F; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up
-    linear(lin[4], g.data(), o.data(), M);
-    for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
-  }
-  rmsnorm(x, norms[2 * L], h.data(), M, C, eps);
-  linear(lins[5 * L], h.data(), logits, M);
+    tm.single([&] { rmsnorm(x, norms[2 * L], h.data(), M, C, eps); });
+    linear(lins[5 * L], h.data(), logits, M, scratch.data(), tm);
+  };
+  Pool::get().run(std::max(1, at::get_num_threads()), job);
 }
 
 }  // extern "C"
