@@ -82,16 +82,32 @@ class Collector:
 
 def run_all(engine: Engine, tok, prompts: list[str], params: list[SamplingParams], stagger: float = 0.0,
             first_alone: bool = False) -> Collector:
-    """Submit every prompt; first_alone: the rest only once the first one decodes (so they join it)."""
+    """Submit every prompt; first_alone: the rest only once the first one decodes (so they join it): the
+    engine thread is held after its first decode step until they are queued, however fast the steps are."""
     col = Collector(engine)
     col.expected = len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.submit(new_request(engine, tok.encode(p), sp, col.sink(i)))
-        while first_alone and i == 0 and engine.stats["steps"] < 1:
-            time.sleep(0.005)
-        if stagger:
-            time.sleep(stagger)
-    assert col.done.wait(60), "engine did not finish in 60 s"
+    first, gate = threading.Event(), threading.Event()
+
+    def hold(produced: int, seconds: float) -> None:
+        if not first.is_set():
+            first.set()
+            gate.wait(10)
+
+    if first_alone:
+        engine.on_step = hold
+    try:
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.submit(new_request(engine, tok.encode(p), sp, col.sink(i)))
+            if first_alone and i == 0:
+                assert first.wait(30), "the first request never decoded"
+            if stagger:
+                time.sleep(stagger)
+        gate.set()
+        assert col.done.wait(60), "engine did not finish in 60 s"
+    finally:
+        gate.set()
+        if first_alone:
+            engine.on_step = None
     return col
 
 
