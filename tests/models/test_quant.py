@@ -34,13 +34,14 @@ def reference_dequant(q: QuantLinear) -> torch.Tensor:
     return ints * scale + mins
 
 
-def reference_int8_act(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """x as the VNNI int4 product sees it: each 32-column block rounded to int8 steps of max|x| / 127 (the
-    kernel's fp32 arithmetic: x * (127 / max), rounded half to even, times max / 127), in fp64."""
+def reference_rounded_act(x: torch.Tensor, block: int, top: int) -> torch.Tensor:
+    """x as a VNNI product sees it: each `block` columns rounded to integer steps of max|x| / top (int4: blocks
+    of 32, int8 steps, top 127; int8: whole rows, int16 steps, top 32767), with the kernel's fp32 arithmetic
+    (x * (top / max), rounded half to even, times max / top), in fp64."""
     xb = x.reshape(x.size(0), -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    return (torch.round(xb * inv).double() * (amax / 127).double()).reshape_as(x)
+    inv = torch.where(amax > 0, torch.tensor(float(top)) / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).double() * (amax / top).double()).reshape_as(x)
 
 
 needs_kernel = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's kernel: {qkernel.why_unavailable()}")
@@ -58,17 +59,19 @@ def test_quant_linear_matches_dequantized_matmul(bits, group, act, own, rows):
     q.prepare(act, own_kernel=own)
     assert (q._tiles is not None) == own
     x = torch.randn(rows, 256)
-    int8_act = own and rows <= 16 and bits == 4 and qkernel.int4_act() == 8
+    kernel = own and rows <= 16
     w = reference_dequant(q)
-    if int8_act:  # the VNNI product: int8 x against q * scale, the exact x against the mins
+    if kernel and bits == 4 and qkernel.int4_act() == 8:  # int8 x against q * scale, exact x against the mins
         mins = q.mins.double().repeat_interleave(group, 1)
-        want = (reference_int8_act(x) @ (w - mins).T + x.double() @ mins.T + lin.bias.double()).float()
+        want = (reference_rounded_act(x, 32, 127) @ (w - mins).T + x.double() @ mins.T + lin.bias.double()).float()
+    elif kernel and bits == 8 and qkernel.int8_act() == 16:  # int16 x per row against q * scale
+        want = (reference_rounded_act(x, x.size(1), 32767) @ w.T + lin.bias.double()).float()
     else:
         want = (x.double() @ w.T + lin.bias.double()).float()
     got = q(x).detach()
     # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 (llmkit's kernel on fp32
-    # activations for <= 16 rows, a dense fp32 weight otherwise) and the VNNI int4 product against x rounded
-    # to int8 the same way (the products are then exact integers): 1e-5
+    # activations for <= 16 rows, a dense fp32 weight otherwise) and the VNNI products against x rounded the
+    # same way (int8 per 32-column block for int4, int16 per row for int8; the products are then exact): 1e-5
     tol = 2e-2 if act is not None and not (own and rows <= 16) else 1e-5
     assert (got - want).abs().max() <= tol * want.abs().max()
     # and the quantization error itself is small against the fp32 layer (int4 groups: ~5-10%)

@@ -22,7 +22,7 @@ from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.inference.speculative import speculative_greedy
 from llmkit.models.decode_step import StaticKVCache, bucket, check_compiler, step_fn
 from llmkit.models.load import load
-from llmkit.models.native_step import MAX_ROWS, NativeStep, native_step
+from llmkit.models.native_step import MAX_ROWS, NATIVE_PREFILL_TOKENS, NativeStep, native_step
 from llmkit.tokenizer import Tokenizer
 
 
@@ -149,12 +149,6 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
             idx = torch.cat([idx, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
         pos = torch.cat([pos, nxt_pos], 1) if cache is None else nxt_pos
-
-
-# Prompts of up to this many tokens in all are prefilled by the native step in pieces of MAX_ROWS tokens:
-# a 17-token int8 prompt took ~100 ms on the Python forward (its GEMM path dequantizes every layer), ~20 ms
-# so; long prompts keep the one-GEMM forward, which is faster per token (as the serving engine does).
-NATIVE_PREFILL_TOKENS = 96
 
 
 def _native_prefill(native: NativeStep, idx: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,

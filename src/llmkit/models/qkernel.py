@@ -28,7 +28,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 3, 3  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 4, 4  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -94,6 +94,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, N, N, N, N]
     lib.llmkit_int4_act.argtypes, lib.llmkit_int4_act.restype = [ctypes.c_int], ctypes.c_int
     lib.llmkit_int4_act(32 if os.environ.get("LLMKIT_INT4_ACT", "") == "fp32" else 8)
+    lib.llmkit_int8_act.argtypes, lib.llmkit_int8_act.restype = [ctypes.c_int], ctypes.c_int
+    lib.llmkit_int8_act(32 if os.environ.get("LLMKIT_INT8_ACT", "") == "fp32" else 16)
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
@@ -145,6 +147,19 @@ def int4_act() -> int:
     32-column block, as llama.cpp does), 32 otherwise or with LLMKIT_INT4_ACT=fp32."""
     lib = _load()[0]
     return int(lib.llmkit_int4_act(0)) if lib is not None else 32
+
+
+def int8_act() -> int:
+    """The activation width of the int8 product: 16 where the CPU has AVX-512 VNNI (x rounded to int16 per row,
+    ~1.5e-5 of its largest value), 32 otherwise or with LLMKIT_INT8_ACT=fp32."""
+    lib = _load()[0]
+    return int(lib.llmkit_int8_act(0)) if lib is not None else 32
+
+
+def set_int8_act(bits: int) -> int:
+    """Choose 16 (where built with VNNI) or 32 for the int8 product in this process; returns what is in effect."""
+    lib = _load()[0]
+    return int(lib.llmkit_int8_act(bits)) if lib is not None else 32
 
 
 def set_int4_act(bits: int) -> int:

@@ -34,7 +34,7 @@ from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_rows
 from llmkit.models.kv_cache import KVCache
-from llmkit.models.native_step import MAX_ROWS, native_step
+from llmkit.models.native_step import MAX_ROWS, NATIVE_PREFILL_TOKENS, native_step
 from llmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("llmkit.serve")
@@ -95,10 +95,6 @@ class GenRequest:
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for the repetition penalty
 
 
-# with nothing decoding, prompts of up to this many tokens (all rows) are prefilled by the native step in
-# pieces, above it by the model's forward: measured on SmolLM2 int8, 25 tokens ran at 404 tok/s native vs
-# 195 forward, 100 tokens at 379 vs 398 (a dequantizing GEMM's fixed cost dominates short prompts)
-NATIVE_PREFILL_TOKENS = 96
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
 CHUNK_STEPS = 1.5
 

@@ -26,8 +26,10 @@ extern "C" {
 int64_t llmkit_int8_grain(int64_t K);
 int64_t llmkit_f32_grain(int64_t K);
 int64_t llmkit_int4_grain(int64_t K);
-void llmkit_int8_range(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N,
-                       int64_t t0, int64_t t1);
+int64_t llmkit_int8_scratch(int64_t M, int64_t K);
+void llmkit_int8_prep(const float* X, int64_t M, int64_t K, void* scratch);
+void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, float* Y, int64_t M,
+                       int64_t K, int64_t N, int64_t t0, int64_t t1);
 void llmkit_f32_range(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N, int64_t t0,
                       int64_t t1);
 int64_t llmkit_int4_scratch(int64_t M, int64_t K);
@@ -146,15 +148,16 @@ inline void share(int64_t n, int64_t grain, int tid, int nt, int64_t& a, int64_t
 }
 
 // y = x W^T (+ bias), called by every thread of the step; returns after a barrier. scratch: the
-// int4 product's rearranged x (llmkit_int4_scratch bytes).
+// int4/int8 products' rearranged x (llmkit_int4_scratch / llmkit_int8_scratch bytes).
 void linear(const Lin& L, const float* x, float* y, int64_t M, void* scratch, const Team& tm) {
   int64_t a, b;
   if (L.bits == 32) {
     share((L.N + 3) / 4, llmkit_f32_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_f32_range(x, static_cast<const float*>(L.w), y, M, L.K, L.N, a, b);
   } else if (L.bits == 8) {
+    tm.single([&] { llmkit_int8_prep(x, M, L.K, scratch); });
     share(L.N / 4, llmkit_int8_grain(L.K), tm.tid, tm.nt, a, b);
-    llmkit_int8_range(x, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
+    llmkit_int8_range(x, scratch, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
   } else {
     tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
     share(L.N / 4, llmkit_int4_grain(L.K), tm.tid, tm.nt, a, b);
@@ -357,7 +360,7 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
 
 extern "C" {
 
-int llmkit_step_abi() { return 3; }
+int llmkit_step_abi() { return 4; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
@@ -374,7 +377,8 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
                 F = dims[7], S = dims[9], pos = dims[10], M = B * T;
   const int64_t nq = nh * hd, nk = nkv * hd, width = nq + 2 * nk;
   std::vector<float> h(M * C), qkv(M * width), att(M * nq), o(M * C), g(M * F), u(M * F);
-  std::vector<float> scratch((llmkit_int4_scratch(M, std::max({C, nq, F})) + 3) / 4);
+  const int64_t Kmax = std::max({C, nq, F});
+  std::vector<float> scratch((std::max(llmkit_int4_scratch(M, Kmax), llmkit_int8_scratch(M, Kmax)) + 3) / 4);
   Attn A(B, T, nh, nkv, hd, S, pos, start);
   // The whole step is one job for the step's threads, its stages separated by barriers (see Pool).
   const std::function<void(int, int)> job = [&](int tid, int nt) {
