@@ -2,11 +2,13 @@
 with the one-call decode step that uses them (kernels/step.cpp, driven by models/native_step.py).
 
 The C++ files are compiled once per machine with `g++ -O3 -march=native` (about 5 s) into a cache folder
-(`$LLMKIT_CACHE` or ~/.cache/llmkit) and loaded with ctypes; it runs on PyTorch's own thread pool
-(`at::parallel_for`, so `torch.set_num_threads` applies). Where it cannot be built (no g++, a CPU without
+(`$LLMKIT_CACHE` or ~/.cache/llmkit) and loaded with ctypes; the products run on PyTorch's own thread pool
+(`at::parallel_for`, so `torch.set_num_threads` applies), the native step on its own threads (as many). Where it cannot be built (no g++, a CPU without
 AVX2/FMA, not x86) `available()` says why and the quantized layers keep PyTorch's kernels.
-`LLMKIT_QUANT_KERNEL=torch` turns it off. Inside `torch.compile` the products are custom ops, so the compiled
-decode step calls the same code.
+`LLMKIT_QUANT_KERNEL=torch` turns it off. Where the CPU has AVX-512 VNNI the products take integer activations:
+int8 layers round x to int16 per row, int4 layers to int8 per 32-column block (`int8_act`, `int4_act`;
+LLMKIT_INT8_ACT=fp32 / LLMKIT_INT4_ACT=fp32 keep fp32). Inside `torch.compile` the products are custom ops,
+so the compiled decode step calls the same code.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Stored format (safetensors beside the fp32 tensors it replaces, recorded in conf
 - int4: `qweight` uint8 (N, K/2) with column 2j in the low nibble and 2j+1 in the high one, `scales` and
   `mins` fp32 (N, K/g): w = q * scale + min within each group of g input columns (asymmetric, like GGUF Q4_1).
 At load time each layer picks its kernel (measurements in docs/inference.md): decode-sized inputs (<= 16 rows)
-run llmkit's own tiled kernels on fp32 activations where they build (qkernel.py, x86 with AVX2), else
+run llmkit's own tiled kernels where they build (qkernel.py, x86 with AVX2; integer activations with VNNI), else
 `torch._weight_int8pack_mm` / `torch._weight_int4pack_mm_for_cpu` on bf16 activations where the CPU has bf16;
 longer inputs (prefill) dequantize the weight for one GEMM (bf16 where the CPU has it); with neither kernel
 (or on another device) the weights are dequantized once to fp32. The math of the stored weights is the same
@@ -139,8 +139,8 @@ class QuantLinear(nn.Module):
         return (q * self.scales[..., None] + self.mins[..., None]).reshape(N, K)
 
     def prepare(self, act_dtype: torch.dtype | None, own_kernel: bool = False) -> None:
-        """Build the runtime form. own_kernel: decode-sized inputs run llmkit's tiled kernels (qkernel.py) on
-        fp32 activations, longer ones one dequantized GEMM (bf16 where act_dtype says so, else fp32), and no
+        """Build the runtime form. own_kernel: decode-sized inputs run llmkit's tiled kernels (qkernel.py; fp32
+        activations, or integer ones where the CPU has VNNI), longer ones one dequantized GEMM (bf16 where act_dtype says so, else fp32), and no
         dense copy is kept. Otherwise: PyTorch's integer kernels on bf16 activations (act_dtype bf16) or a
         dense fp32 weight (act_dtype None)."""
         self._act = act_dtype
@@ -172,7 +172,7 @@ class QuantLinear(nn.Module):
         if x2.size(0) > DECODE_ROWS:  # prefill: one GEMM on the dequantized weight beats the int kernels (measured)
             act = self._act or torch.float32
             y = F.linear(x2.to(act), self.dequantize().to(act))
-        elif self._tiles is not None:  # llmkit's kernels, fp32 activations
+        elif self._tiles is not None:  # llmkit's kernels (fp32 activations, or integer ones with VNNI)
             x2 = x2.float()
             y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
                  qkernel.int4_mm(x2, self._tiles, self._sm, self.group_size))
