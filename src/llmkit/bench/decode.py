@@ -71,31 +71,21 @@ def prefill_tps(model: torch.nn.Module, n: int, vocab: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, ids: list[int], window: int) -> float:
-    """exp(mean NLL) over non-overlapping windows (the same windows for every format)."""
+def perplexity(model: torch.nn.Module, ids: list[int], window: int, chunk: int | None = None) -> float:
+    """exp(mean NLL) over non-overlapping windows (the same windows for every format). chunk: each window is fed
+    that many tokens at a time through a KV cache, so every product runs on the decode kernels (<= 16 rows)
+    and the number is that of the decoding numerics (the VNNI products' integer activations), not of the
+    one-GEMM prefill path."""
     nll, count = 0.0, 0
     for a in range(0, len(ids) - 1, window):
         x = torch.tensor([ids[a: a + window]])
         if x.size(1) < 2:
             break
-        logits = model(x).logits[0, :-1].float()
-        nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
-        count += x.size(1) - 1
-    return math.exp(nll / count)
-
-
-@torch.no_grad()
-def decode_path_perplexity(model: torch.nn.Module, ids: list[int], window: int, chunk: int = 16) -> float:
-    """`perplexity` with each window fed `chunk` tokens at a time through a KV cache: every product runs on
-    the decode kernels (<= 16 rows), so the number is that of the decoding numerics (the int4 VNNI product's
-    int8 activations), not of the one-GEMM prefill path."""
-    nll, count = 0.0, 0
-    for a in range(0, len(ids) - 1, window):
-        x = torch.tensor([ids[a: a + window]])
-        if x.size(1) < 2:
-            break
-        cache = model.new_cache(1, x.size(1))
-        logits = torch.cat([model(x[:, c: c + chunk], cache=cache).logits for c in range(0, x.size(1), chunk)], 1)
+        if chunk is None:
+            logits = model(x).logits
+        else:
+            cache = model.new_cache(1, x.size(1))
+            logits = torch.cat([model(x[:, c: c + chunk], cache=cache).logits for c in range(0, x.size(1), chunk)], 1)
         nll += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum"))
         count += x.size(1) - 1
     return math.exp(nll / count)
@@ -177,7 +167,7 @@ def _smollm2(quick: bool) -> dict[str, Any]:
         r[f"{name}_perplexity"], r[f"{name}_perplexity_increase_pct"] = p, 100 * (p / base - 1)
     r["int4_activations_in_decode"] = "int8 per 32-column block (VNNI)" if qkernel.int4_act() == 8 else "fp32"
     for name in ("int8", "int4", "gguf_q4_1"):  # the decoding numerics, through the decode kernels
-        p = decode_path_perplexity(models[name], text_ids, 512)
+        p = perplexity(models[name], text_ids, 512, chunk=16)
         r[f"{name}_decode_path_perplexity_increase_pct"] = 100 * (p / base - 1)
     # prompt lookup on a copy-heavy request (the answer repeats the prompt), int8
     passage = " ".join(islice(bible_verses(), 3))

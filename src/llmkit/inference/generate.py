@@ -22,7 +22,7 @@ from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.inference.speculative import speculative_greedy
 from llmkit.models.decode_step import StaticKVCache, bucket, check_compiler, step_fn
 from llmkit.models.load import load
-from llmkit.models.native_step import MAX_ROWS, NATIVE_PREFILL_TOKENS, NativeStep, native_step
+from llmkit.models.native_step import NATIVE_PREFILL_TOKENS, native_step
 from llmkit.tokenizer import Tokenizer
 
 
@@ -112,7 +112,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
             cache.static = False
             cache.pos += 1
         elif native is not None and B * idx.size(1) <= NATIVE_PREFILL_TOKENS:
-            logits = _native_prefill(native, idx, mask, pos, cache)
+            logits = native.prefill(idx, pos, mask, cache)[:, None]
         elif cache is not None:
             logits = model(inp, attention_mask=inp_mask, position_ids=inp_pos, cache=cache, last_only=True).logits
         else:
@@ -149,18 +149,6 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
             idx = torch.cat([idx, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=device)], 1)
         pos = torch.cat([pos, nxt_pos], 1) if cache is None else nxt_pos
-
-
-def _native_prefill(native: NativeStep, idx: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                    cache: StaticKVCache) -> torch.Tensor:
-    """Logits (B, 1, V) of the prompts' last tokens, the prompts written into the static cache from 0."""
-    B, T = idx.shape
-    step = max(1, MAX_ROWS // B)
-    for a in range(0, T, step):
-        sl = slice(a, min(T, a + step))
-        logits = native.run(idx[:, sl], pos[:, sl], cache.k, cache.v, cache.valid, cache.pos, mask[:, sl].bool())
-        cache.pos = sl.stop
-    return logits[:, -1:]
 
 
 def _allowed_rows(constraints: list[Constraint | None] | None, finished: list[bool], V: int

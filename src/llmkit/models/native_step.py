@@ -37,7 +37,7 @@ class _Lin(ctypes.Structure):
     """step.cpp's `Lin`: one Linear, quantized in qmm.cpp's tile layout (bits 8/4) or fp32 as it is (bits 32)."""
 
     _fields_ = [("bits", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("g", ctypes.c_int64),
-                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("mn", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -122,9 +122,9 @@ def _key(model: nn.Module) -> tuple[int, ...]:
 
 def _lin(m: nn.Module) -> _Lin:
     if type(m) is nn.Linear:
-        return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, None, _ptr(m.bias))
+        return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, _ptr(m.bias))
     return _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles),
-                _ptr(m.scales if m.bits == 8 else m._sm), None, _ptr(m.bias))
+                _ptr(m.scales if m.bits == 8 else m._sm), _ptr(m.bias))
 
 
 class NativeStep:
@@ -195,6 +195,21 @@ class NativeStep:
                                               _ptr(start), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                               logits.data_ptr())
         return logits
+
+    def prefill(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Tokens [begin, end) of left-padded prompts (idx, position_ids, mask: (B, T)) into `cache`, whose
+        column j holds token j (`cache.pos` == begin), in pieces of at most MAX_ROWS tokens in all; `cache.pos`
+        ends at `end`. Returns the logits (B, V) of each row's last token of the span."""
+        B, T = idx.shape
+        end = T if end is None else end
+        step = max(1, MAX_ROWS // B)
+        for a in range(begin, end, step):
+            sl = slice(a, min(end, a + step))
+            logits = self.run(idx[:, sl], position_ids[:, sl], cache.k, cache.v, cache.valid, cache.pos,
+                              mask[:, sl].bool())
+            cache.pos = sl.stop
+        return logits[:, -1]
 
     def __call__(self, idx: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """`decode_step`'s contract (cache: a `StaticKVCache`): the token goes to `cache.write_pos`."""

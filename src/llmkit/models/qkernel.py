@@ -3,8 +3,9 @@ with the one-call decode step that uses them (kernels/step.cpp, driven by models
 
 The C++ files are compiled once per machine with `g++ -O3 -march=native` (about 5 s) into a cache folder
 (`$LLMKIT_CACHE` or ~/.cache/llmkit) and loaded with ctypes; the products run on PyTorch's own thread pool
-(`at::parallel_for`, so `torch.set_num_threads` applies), the native step on its own threads (as many). Where it cannot be built (no g++, a CPU without
-AVX2/FMA, not x86) `available()` says why and the quantized layers keep PyTorch's kernels.
+(`at::parallel_for`, so `torch.set_num_threads` applies), the native step on as many threads of its own.
+Where it cannot be built (no g++, a CPU without AVX2/FMA, not x86) `available()` says why and the quantized
+layers keep PyTorch's kernels.
 `LLMKIT_QUANT_KERNEL=torch` turns it off. Where the CPU has AVX-512 VNNI the products take integer activations:
 int8 layers round x to int16 per row, int4 layers to int8 per 32-column block (`int8_act`, `int4_act`;
 LLMKIT_INT8_ACT=fp32 / LLMKIT_INT4_ACT=fp32 keep fp32). Inside `torch.compile` the products are custom ops,
@@ -30,7 +31,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 4, 4  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 5, 5  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -94,10 +95,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.llmkit_f32_mm.argtypes = [P, P, P, N, N, N]
     lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, N, N, N, N]
-    lib.llmkit_int4_act.argtypes, lib.llmkit_int4_act.restype = [ctypes.c_int], ctypes.c_int
-    lib.llmkit_int4_act(32 if os.environ.get("LLMKIT_INT4_ACT", "") == "fp32" else 8)
-    lib.llmkit_int8_act.argtypes, lib.llmkit_int8_act.restype = [ctypes.c_int], ctypes.c_int
-    lib.llmkit_int8_act(32 if os.environ.get("LLMKIT_INT8_ACT", "") == "fp32" else 16)
+    for bits, integer in ((4, 8), (8, 16)):  # the activation widths, LLMKIT_INT4_ACT / LLMKIT_INT8_ACT=fp32
+        fn = getattr(lib, f"llmkit_int{bits}_act")
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        fn(32 if os.environ.get(f"LLMKIT_INT{bits}_ACT", "") == "fp32" else integer)
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
@@ -140,34 +141,36 @@ def tile_int4_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
 
 
 def has_vnni() -> bool:
-    """Whether the built library has the AVX-512 VNNI int4 product (the CPU has it and the build is native)."""
-    return available() and not isa_flags() and {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
+    """Whether the built library has the AVX-512 VNNI products (the CPU has VNNI and the build is native)."""
+    lib = _load()[0]
+    return lib is not None and bool(lib.llmkit_vnni())
+
+
+def _act(bits: int, width: int) -> int:
+    lib = _load()[0]
+    return int(getattr(lib, f"llmkit_int{bits}_act")(width)) if lib is not None else 32
 
 
 def int4_act() -> int:
     """The activation width of the int4 product: 8 where the CPU has AVX-512 VNNI (x quantized to int8 per
     32-column block, as llama.cpp does), 32 otherwise or with LLMKIT_INT4_ACT=fp32."""
-    lib = _load()[0]
-    return int(lib.llmkit_int4_act(0)) if lib is not None else 32
+    return _act(4, 0)
 
 
 def int8_act() -> int:
     """The activation width of the int8 product: 16 where the CPU has AVX-512 VNNI (x rounded to int16 per row,
     ~1.5e-5 of its largest value), 32 otherwise or with LLMKIT_INT8_ACT=fp32."""
-    lib = _load()[0]
-    return int(lib.llmkit_int8_act(0)) if lib is not None else 32
+    return _act(8, 0)
 
 
 def set_int8_act(bits: int) -> int:
     """Choose 16 (where built with VNNI) or 32 for the int8 product in this process; returns what is in effect."""
-    lib = _load()[0]
-    return int(lib.llmkit_int8_act(bits)) if lib is not None else 32
+    return _act(8, bits)
 
 
 def set_int4_act(bits: int) -> int:
     """Choose 8 (where built with VNNI) or 32 for the int4 product in this process; returns what is in effect."""
-    lib = _load()[0]
-    return int(lib.llmkit_int4_act(bits)) if lib is not None else 32
+    return _act(4, bits)
 
 
 # ----------------------------------------------------------------------------------------- the products

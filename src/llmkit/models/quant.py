@@ -140,9 +140,9 @@ class QuantLinear(nn.Module):
 
     def prepare(self, act_dtype: torch.dtype | None, own_kernel: bool = False) -> None:
         """Build the runtime form. own_kernel: decode-sized inputs run llmkit's tiled kernels (qkernel.py; fp32
-        activations, or integer ones where the CPU has VNNI), longer ones one dequantized GEMM (bf16 where act_dtype says so, else fp32), and no
-        dense copy is kept. Otherwise: PyTorch's integer kernels on bf16 activations (act_dtype bf16) or a
-        dense fp32 weight (act_dtype None)."""
+        activations, or integer ones where the CPU has VNNI), longer ones one dequantized GEMM (bf16 where
+        act_dtype says so, else fp32), and no dense copy is kept. Otherwise: PyTorch's integer kernels on bf16
+        activations (act_dtype bf16) or a dense fp32 weight (act_dtype None)."""
         self._act = act_dtype
         self._dense, self._kernel, self._tiles, self._sm = None, (), None, None
         if own_kernel and qkernel.fits(self.out_features, self.in_features, self.bits):

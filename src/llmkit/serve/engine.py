@@ -310,12 +310,7 @@ class Engine:
         native = self._native is not None and step > 0 and (
             end - job.done <= step if self.n_running else rows * (end - job.done) <= NATIVE_PREFILL_TOKENS)
         if native:  # in pieces of <= MAX_ROWS tokens, each written at the cache position it fills
-            c = job.cache
-            for a in range(job.done, end, step):
-                sl = slice(a, min(end, a + step))
-                logits = self._native.run(job.idx[:, sl], job.pos[:, sl], c.k, c.v, c.valid, c.pos,
-                                          job.mask[:, sl].bool())[:, -1]
-                c.pos = sl.stop
+            logits = self._native.prefill(job.idx, job.pos, job.mask, job.cache, job.done, end)
         else:
             sl = slice(job.done, end)
             logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],

@@ -204,13 +204,27 @@ void over_rows(int64_t M, F f) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define LLMKIT_VNNI 1
-int int4_act = 8;
+constexpr bool VNNI = true;
+#else
+constexpr bool VNNI = false;
+#endif
+// The activation widths of the int4 and int8 products: 8 / 16 (integer, VNNI builds' default) or 32 (fp32).
+int int4_act = VNNI ? 8 : 32, int8_act = VNNI ? 16 : 32;
+
+// Sets `width` to `bits` where it is `vnni_bits` (VNNI builds only) or 32; 0 only asks. Returns the width.
+int choose_act(int& width, int bits, int vnni_bits) {
+  if ((VNNI && bits == vnni_bits) || bits == 32) width = bits;
+  return width;
+}
+
+#ifdef LLMKIT_VNNI
 
 // int4 x int8 products (AVX-512 VNNI), as llama.cpp's Q4 x Q8 dot products: each 32-column block of a row of
 // x is quantized to int8 with its own scale dx = max|x| / 127, and vpdpbusd multiplies 64 unsigned nibbles by
 // 64 int8s into 16 int32 sums in one instruction, where the fp32 path needs 8 conversions and 8 fmas. The
 // fp32 path's cost was compute, not memory: this is where int4 gains. The error is the activations' 8-bit
-// rounding (measured in docs/inference.md: held-out perplexity moves by under 0.5 %).
+// rounding (measured in docs/inference.md: held-out perplexity +1.18 % on the decode path against -0.13 %
+// with fp32 activations).
 //
 // One block of x: its even columns then its odd ones (to meet the low and high nibbles), as int8; dx; and
 // the exact fp32 sum of the block (for the mins: sum_k x_k (q_k s + m) = s sum_k x_k q_k + m sum_k x_k).
@@ -274,8 +288,6 @@ void int4_vnni_tile(const int8_t* XQ, const float* DX, const float* XS, const ui
   }
 }
 
-int int8_act = 16;
-
 // int8 x int16 products (AVX-512 VNNI vpdpwssd): each row of x is rounded to int16 with one scale
 // max|x| / 32767 (a relative error of ~1.5e-5 of the row's largest value, finer than bf16), and the int8
 // weights are widened to int16, so 32 weight-activation pairs cost one instruction where the fp32 path needs
@@ -336,12 +348,11 @@ void int8_vnni_tile(const int16_t* XQ, const float* XS, const int8_t* T, const f
 
 extern "C" {
 
-int llmkit_qmm_abi() { return 4; }
+int llmkit_qmm_abi() { return 5; }
 
 // The products in two forms: llmkit_*_mm runs one on PyTorch's thread pool, and llmkit_*_range computes output
-// tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among the
-// threads of one OpenMP region (a region opened from a thread other than the process's first costs ~30 us,
-// and a step has ~150 products). llmkit_*_grain is the fewest tiles worth a thread of their own.
+// tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among its
+// own threads (see its Pool). llmkit_*_grain is the fewest tiles worth a thread of their own.
 
 int64_t llmkit_int8_grain(int64_t K) { return std::max<int64_t>(1, MIN_BYTES / (NB * K)); }
 int64_t llmkit_f32_grain(int64_t K) { return std::max<int64_t>(1, MIN_BYTES / (NB * K * 4)); }
@@ -350,7 +361,7 @@ int64_t llmkit_int4_grain(int64_t K) { return std::max<int64_t>(1, 2 * MIN_BYTES
 // Y (M, N) = X (M, K) @ (q * S)^T with Q the tiled int8 weight (N/4, K/16, 4, 16). N % 4 == 0, K % 16 == 0.
 // Where the CPU has AVX-512 VNNI and int8_act is 16 (the default), x is rounded to int16 per row first
 // (llmkit_int8_prep into llmkit_int8_scratch bytes, see int8_vnni_tile); else x is read as it is.
-int64_t llmkit_int8_scratch(int64_t M, int64_t K) { return M * K * 2 + M * 4; }
+int64_t llmkit_int8_scratch(int64_t M, int64_t K) { return int8_act == 16 ? M * K * 2 + M * 4 : 0; }
 
 void llmkit_int8_prep(const float* X, int64_t M, int64_t K, void* scratch) {
 #ifdef LLMKIT_VNNI
@@ -439,12 +450,10 @@ void llmkit_int4_range(const void* scratch, const uint8_t* P, const float* SM, f
     const int8_t* xq = static_cast<const int8_t*>(scratch);
     const float *dx = xp + M * K, *xs = dx + M * nb;
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mt = std::min<int64_t>(4, M - m0);
-        const auto f = mt == 1 ? int4_vnni_tile<1> : mt == 2 ? int4_vnni_tile<2> : mt == 3 ? int4_vnni_tile<3>
-                                                                                        : int4_vnni_tile<4>;
-        f(xq, dx, xs, P + t * NB * (K / 2), SM + t * (K / g) * 2 * NB, Y, K, N, g, m0, t * NB);
-      }
+      over_rows(M, [&](auto mt, int64_t m0) {
+        int4_vnni_tile<decltype(mt)::value>(xq, dx, xs, P + t * NB * (K / 2), SM + t * (K / g) * 2 * NB, Y, K, N, g,
+                                            m0, t * NB);
+      });
     return;
   }
 #endif
@@ -462,28 +471,10 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y,
                    [&](int64_t t0, int64_t t1) { llmkit_int4_range(scratch.data(), P, SM, Y, M, K, N, g, t0, t1); });
 }
 
-// The activation width of the int8 product: 16 (int16 per row, where built with VNNI) or 32. Returns the
-// width in effect; an argument of 0 only asks.
-int llmkit_int8_act(int bits) {
-#ifdef LLMKIT_VNNI
-  if (bits == 16 || bits == 32) int8_act = bits;
-  return int8_act;
-#else
-  (void)bits;
-  return 32;
-#endif
-}
-
-// The activation width of the int4 product: 8 (int8 per block, where built with VNNI) or 32. Returns the
-// width in effect; an argument of 0 only asks.
-int llmkit_int4_act(int bits) {
-#ifdef LLMKIT_VNNI
-  if (bits == 8 || bits == 32) int4_act = bits;
-  return int4_act;
-#else
-  (void)bits;
-  return 32;
-#endif
-}
+// The activation widths (16 / 8 integer where built with VNNI, or 32): each call sets it to `bits` where that
+// is one of them (0 only asks) and returns the width in effect. llmkit_vnni: whether this build has VNNI.
+int llmkit_int8_act(int bits) { return choose_act(int8_act, bits, 16); }
+int llmkit_int4_act(int bits) { return choose_act(int4_act, bits, 8); }
+int llmkit_vnni() { return VNNI; }
 
 }  // extern "C"

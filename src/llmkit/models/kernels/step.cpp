@@ -116,7 +116,8 @@ class Pool {
 // single / for / barrier.
 struct Team {
   int tid, nt;
-  void barrier() const { Pool::get().barrier(); }
+  Pool& pool;
+  void barrier() const { pool.barrier(); }
   template <typename F>
   void single(F f) const {  // thread 0 runs f; everyone waits for it
     if (tid == 0) f();
@@ -135,7 +136,6 @@ struct Lin {
   int64_t bits, N, K, g;
   const void* w;      // tiles, or the (N, K) fp32 weight
   const float* s;     // int8 scales (N,); int4 tiled scales and mins (N/4, K/g, 2, 4); null for fp32
-  const float* mn;    // unused (null)
   const float* bias;  // (N,) or null
 };
 
@@ -286,12 +286,6 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
   }
 }
 
-// softmax(q K^T * scale over the valid keys <= its position) V for every token and query head. Token t of row
-// b sits at buffer position pos + t and sees keys [start[b], pos + t]: a row that starts late in a shared
-// buffer (the serving engine's) scans only its own span. Tasks are (token, KV group, key range): long spans
-// are split into parts of >= 256 keys (at most 8) that are merged with their (max, sum), as flash-decoding
-// does. The split depends only on the row's own key count, so a token's result is the same whatever the
-// batch, chunk or thread count. A group's query heads share one read of each key and value.
 struct Attn {  // the layer-independent shape of a step's attention, and its per-part results
   static constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
   int64_t B, T, nh, nkv, hd, S, pos, g, M, P;
@@ -360,7 +354,7 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
 
 extern "C" {
 
-int llmkit_step_abi() { return 4; }
+int llmkit_step_abi() { return 5; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
@@ -381,8 +375,9 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
   std::vector<float> scratch((std::max(llmkit_int4_scratch(M, Kmax), llmkit_int8_scratch(M, Kmax)) + 3) / 4);
   Attn A(B, T, nh, nkv, hd, S, pos, start);
   // The whole step is one job for the step's threads, its stages separated by barriers (see Pool).
+  Pool& pool = Pool::get();
   const std::function<void(int, int)> job = [&](int tid, int nt) {
-    const Team tm{tid, nt};
+    const Team tm{tid, nt, pool};
     std::vector<float> p;  // this thread's attention scores
     for (int64_t l = 0; l < L; ++l) {
       const Lin* lin = lins + 5 * l;
@@ -417,7 +412,7 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
     tm.single([&] { rmsnorm(x, norms[2 * L], h.data(), M, C, eps); });
     linear(lins[5 * L], h.data(), logits, M, scratch.data(), tm);
   };
-  Pool::get().run(std::max(1, at::get_num_threads()), job);
+  pool.run(std::max(1, at::get_num_threads()), job);
 }
 
 }  // extern "C"
