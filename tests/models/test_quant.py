@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llmkit.cli import main
+from llmkit.errors import LlmkitError
 from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.checkpoint import read_meta, save_checkpoint
@@ -122,6 +123,20 @@ def test_kernel_can_be_turned_off(monkeypatch):
     finally:
         monkeypatch.delenv("LLMKIT_QUANT_KERNEL")
         qkernel._load.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(qkernel.SWITCHES))
+def test_kernel_switch_typo_is_refused(name, monkeypatch):
+    """LLMKIT_INT4_ACT=FP32 (say) must not silently keep the other numerics: one clear line naming the values."""
+    monkeypatch.setenv(name, "bogus")
+    qkernel._load.cache_clear()
+    try:
+        with pytest.raises(LlmkitError, match=f"{name}='bogus' is not one of .*; set one of those or unset it"):
+            qkernel.available()
+    finally:
+        monkeypatch.delenv(name)
+        qkernel._load.cache_clear()
+    assert qkernel.int4_act() in (8, 32) and qkernel.int8_act() in (16, 32)
 
 
 def test_int4_pack_round_trip():

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.errors import LlmkitError
 from llmkit.io import atomic_file
 
 KERNELS = Path(__file__).with_name("kernels")
@@ -52,10 +53,25 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+# The kernels' environment switches and the values each takes (unset: the default, the first).
+SWITCHES = {"LLMKIT_KERNEL_ISA": ("native", "avx2"), "LLMKIT_INT4_ACT": ("int8", "fp32"),
+            "LLMKIT_INT8_ACT": ("int16", "fp32")}
+
+
+def switch(name: str) -> str:
+    """The value of one of `SWITCHES` (its default when unset); a value it does not take is refused in one
+    line, so a typo cannot silently keep the other numerics."""
+    allowed = SWITCHES[name]
+    value = os.environ.get(name, "") or allowed[0]
+    if value not in allowed:
+        raise LlmkitError(f"{name}={value!r} is not one of {', '.join(allowed)}; set one of those or unset it")
+    return value
+
+
 def isa_flags() -> list[str]:
     """Compiler flags that narrow -march=native: LLMKIT_KERNEL_ISA=avx2 builds the AVX2 code on a CPU with
     AVX-512 too (for tests that check both paths, and for A/B measurements)."""
-    return ["-mno-avx512f"] if os.environ.get("LLMKIT_KERNEL_ISA", "") == "avx2" else []
+    return ["-mno-avx512f"] if switch("LLMKIT_KERNEL_ISA") == "avx2" else []
 
 
 def _build(out: Path) -> None:
@@ -78,6 +94,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     """(library, '') or (None, why not)."""
     if os.environ.get("LLMKIT_QUANT_KERNEL", "") == "torch":
         return None, "LLMKIT_QUANT_KERNEL=torch"
+    for name in SWITCHES:  # a typo is refused before anything is built or chosen
+        switch(name)
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         return None, "the CPU lacks AVX2/FMA"
     machine = f"{torch.__version__}|{sys.version}|{' '.join(sorted(cpu_flags()))}|{isa_flags()}"  # per CPU
@@ -98,7 +116,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     for bits, integer in ((4, 8), (8, 16)):  # the activation widths, LLMKIT_INT4_ACT / LLMKIT_INT8_ACT=fp32
         fn = getattr(lib, f"llmkit_int{bits}_act")
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        fn(32 if os.environ.get(f"LLMKIT_INT{bits}_ACT", "") == "fp32" else integer)
+        fn(32 if switch(f"LLMKIT_INT{bits}_ACT") == "fp32" else integer)
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
