@@ -147,27 +147,58 @@ inline void share(int64_t n, int64_t grain, int tid, int nt, int64_t& a, int64_t
   b = tid < use ? n * (tid + 1) / use : n;
 }
 
-// y = x W^T (+ bias), called by every thread of the step; returns after a barrier. scratch: the
-// int4/int8 products' rearranged x (llmkit_int4_scratch / llmkit_int8_scratch bytes).
-void linear(const Lin& L, const float* x, float* y, int64_t M, void* scratch, const Team& tm) {
+// x rearranged for L's product into scratch (int8/int4: llmkit_int8_scratch / llmkit_int4_scratch bytes), by
+// thread 0, then a barrier; fp32 reads x as it is.
+void prep(const Lin& L, const float* x, int64_t M, void* scratch, const Team& tm) {
+  if (L.bits == 8) tm.single([&] { llmkit_int8_prep(x, M, L.K, scratch); });
+  if (L.bits == 4) tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
+}
+
+// This thread's share of y = x W^T (no bias, no barrier), x prepared by `prep`.
+void product(const Lin& L, const float* x, float* y, int64_t M, const void* scratch, const Team& tm) {
   int64_t a, b;
   if (L.bits == 32) {
     share((L.N + 3) / 4, llmkit_f32_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_f32_range(x, static_cast<const float*>(L.w), y, M, L.K, L.N, a, b);
   } else if (L.bits == 8) {
-    tm.single([&] { llmkit_int8_prep(x, M, L.K, scratch); });
     share(L.N / 4, llmkit_int8_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_int8_range(x, scratch, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
   } else {
-    tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
     share(L.N / 4, llmkit_int4_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_int4_range(scratch, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g, a, b);
   }
-  tm.barrier();
+}
+
+void add_bias(const Lin& L, float* y, int64_t M, const Team& tm) {
   if (L.bias)
     tm.each(M, [&](int64_t m) {
       for (int64_t n = 0; n < L.N; ++n) y[m * L.N + n] += L.bias[n];
     });
+}
+
+// y = x W^T (+ bias), called by every thread of the step; returns after a barrier.
+void linear(const Lin& L, const float* x, float* y, int64_t M, void* scratch, const Team& tm) {
+  prep(L, x, M, scratch, tm);
+  product(L, x, y, M, scratch, tm);
+  tm.barrier();
+  add_bias(L, y, M, tm);
+}
+
+// y1 = x W1^T and y2 = x W2^T (the MLP's gate and up): one preparation of x and one barrier where the two
+// layers share a format.
+void linear2(const Lin& L1, const Lin& L2, const float* x, float* y1, float* y2, int64_t M, void* scratch,
+             const Team& tm) {
+  if (L1.bits != L2.bits || L1.K != L2.K) {
+    linear(L1, x, y1, M, scratch, tm);
+    linear(L2, x, y2, M, scratch, tm);
+    return;
+  }
+  prep(L1, x, M, scratch, tm);
+  product(L1, x, y1, M, scratch, tm);
+  product(L2, x, y2, M, scratch, tm);
+  tm.barrier();
+  add_bias(L1, y1, M, tm);
+  add_bias(L2, y2, M, tm);
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, per row (torch.nn.RMSNorm)
@@ -231,6 +262,13 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
   const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
   for (int64_t i = 0; i < n8; i += W) {
     const float* kb = Kh + (s0 + i) * hd;
+    // the keys 2 steps ahead into L1, and this step's values into L2 for the weighted sum below: K and V
+    // come from memory (the weights evicted them), and without this the 8-row step spent a quarter of its
+    // time waiting on them
+    for (int64_t c = 0; c < W * hd; c += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(kb + 2 * W * hd + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(Vh + (s0 + i) * hd + c), _MM_HINT_T1);
+    }
     __m128i okb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ok + s0 + i));
     const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(okb), _mm256_setzero_si256()));
     for (int64_t j = 0; j < g; ++j) {
@@ -284,6 +322,19 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
       }
     }
   }
+}
+
+// g = silu(g) * u over n floats (the SwiGLU gate), 8 at a time with exp8 (std::exp per element cost ~1 ms of
+// an 8-row SmolLM2 step).
+void silu_mul(float* g, const float* u, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(zero, x));  // exp8 clamps at 88: e^-x saturates, the result ~0
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
 struct Attn {  // the layer-independent shape of a step's attention, and its per-part results
@@ -401,9 +452,8 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
         for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
         rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
       });
-      linear(lin[2], h.data(), g.data(), M, scratch.data(), tm);
-      linear(lin[3], h.data(), u.data(), M, scratch.data(), tm);
-      tm.each(M * F, [&](int64_t i) { g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i]; });  // silu(gate) * up
+      linear2(lin[2], lin[3], h.data(), g.data(), u.data(), M, scratch.data(), tm);
+      tm.each(M, [&](int64_t r) { silu_mul(g.data() + r * F, u.data() + r * F, F); });
       linear(lin[4], g.data(), o.data(), M, scratch.data(), tm);
       tm.single([&] {
         for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
