@@ -231,6 +231,54 @@ def test_row_start_skips_the_keys_before_it():
         step.run(idx, p, c.k, c.v, c.valid, pos, start=torch.tensor([pos + 1, 0]))
 
 
+def test_head_last_and_none_keep_the_cache_writes():
+    """head="last" gives each row's last token's logits of head="all" (exactly: the same sums), "none" no
+    logits; all three write the same keys and values."""
+    model = _quantized(8, None)
+    step = ns.native_step(model, 8)
+    idx, p = torch.tensor([[5, 6, 7], [9, 10, 11]]), torch.tensor([[0, 1, 2], [0, 1, 2]])
+    outs, caches = [], []
+    for head in ns.HEADS:
+        c = model.new_cache(2, 16, bounded=False)
+        outs.append(step.run(idx, p, c.k, c.v, c.valid, 0, head=head))
+        caches.append(c)
+    assert outs[0].shape == (2, 3, 96) and torch.equal(outs[1], outs[0][:, -1:]) and outs[2] is None
+    assert all(torch.equal(a, b) for c in caches[1:] for a, b in zip(c.k + c.v, caches[0].k + caches[0].v))
+    with pytest.raises(ValueError, match="head"):
+        step.run(idx, p, caches[0].k, caches[0].v, caches[0].valid, 4, head="first")
+
+
+def test_rows_step_only_the_named_buffer_rows():
+    """`rows` maps each new token's row onto a row of the buffers (the engine steps its occupied slots only):
+    the logits equal those of the same rows stepped in place (the same sums: exact), only the named rows'
+    K/V and valid columns are written, and repeated or out-of-range rows are refused."""
+    model = _quantized(8, None)
+    c = model.new_cache(4, 64, bounded=False)
+    g = torch.Generator().manual_seed(5)
+    for k, v in zip(c.k, c.v):
+        k.normal_(generator=g)
+        v.normal_(generator=g)
+    pos = 20
+    c.valid[:, :pos] = True
+    before = [k.clone() for k in c.k]
+    step = ns.native_step(model, 4)
+    idx, p = torch.tensor([[5], [9]]), torch.tensor([[pos], [pos]])
+    got = step.run(idx, p, c.k, c.v, c.valid, pos, rows=torch.tensor([3, 1]))
+    for b, r in enumerate((3, 1)):  # row r alone, as row 0 of a one-row copy of its buffers
+        one = model.new_cache(1, 64, bounded=False)
+        for dst, src in zip(one.k + one.v, before + [v for v in c.v]):
+            dst[0] = src[r]
+        one.valid[0, :pos] = True
+        want = step.run(idx[b:b + 1], p[b:b + 1], one.k, one.v, one.valid, pos)
+        assert torch.equal(got[b], want[0])
+        assert torch.equal(c.k[0][r, :, pos], one.k[0][0, :, pos])
+    assert all(torch.equal(k[[0, 2]], k0[[0, 2]]) for k, k0 in zip(c.k, before))  # other rows untouched
+    assert c.valid[[1, 3], pos].all() and not c.valid[[0, 2], pos].any()
+    for bad in ([1, 1], [1, 4]):
+        with pytest.raises(ValueError, match="rows"):
+            step.run(idx, p, c.k, c.v, c.valid, pos, rows=torch.tensor(bad))
+
+
 @pytest.mark.skipif(not qkernel.has_vnni(), reason="no AVX-512 VNNI: the int4 product is fp32")
 def test_vnni_int4_step_is_close():
     """With int8 activations (per 32-column block) in the int4 products, the native step still follows the

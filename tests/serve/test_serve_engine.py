@@ -185,6 +185,39 @@ def test_stop_string_matches_generate(model_tok):
     assert col.finish[0] == "stop"
 
 
+def test_ignore_eos_generates_max_new_tokens(model_tok):
+    """A request whose every token is eos (logit_bias +100) stops after one with the default and gives exactly
+    max_new_tokens with ignore_eos, finishing on "length"."""
+    model, tok = model_tok
+    assert tok.eos_id is not None
+    counts: dict[int, int] = {}
+    finish: dict[int, str] = {}
+    done = threading.Event()
+
+    def sink(key: int):
+        counts[key] = 0
+
+        def f(ev: TokenEvent) -> None:
+            counts[key] += len(ev.token_ids)
+            if ev.finish_reason is not None:
+                finish[key] = ev.finish_reason
+                if len(finish) == 2:
+                    done.set()
+        return f
+
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        for key, ignore in ((0, False), (1, True)):
+            sp = SamplingParams(max_new_tokens=6, temperature=0, logit_bias={tok.eos_id: 100.0}, ignore_eos=ignore)
+            engine.submit(new_request(engine, tok.encode(PROMPTS[0]), sp, sink(key)))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert (counts[0], finish[0]) == (0, "stop")  # the eos itself is not part of the output
+    assert (counts[1], finish[1]) == (6, "length")
+
+
 def test_cancel_frees_slot_at_once(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_batch=1)

@@ -73,8 +73,20 @@ def test_logit_bias_and_penalties_equal_the_formula(client, model_tok):
     assert ref != plain  # the penalty changed the greedy text (a test that can fail)
 
 
+def test_ignore_eos_runs_to_max_tokens(server, model_tok):
+    """vLLM's ignore_eos: with every token forced to eos, the default stops at once and ignore_eos gives
+    max_tokens tokens ("length")."""
+    eos = model_tok[1].eos_id
+    assert eos is not None
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logit_bias": {str(eos): 100}}
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    kept = httpx.post(server.url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=60).json()
+    assert plain["usage"]["completion_tokens"] == 1 and plain["choices"][0]["finish_reason"] == "stop"
+    assert kept["usage"]["completion_tokens"] == 5 and kept["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("field,value", [("suffix", "x"), ("best_of", 3), ("min_p", 0.1), ("guided_json", {}),
-                                         ("ignore_eos", True)])
+                                         ("min_tokens", 4)])
 def test_unimplemented_output_fields_are_400_naming_them(server, field, value):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # OpenAI logit_bias: token id -> added to its logit
     presence_penalty: float = 0.0  # subtracted once from tokens already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    ignore_eos: bool = False  # the serving engine keeps going past eos and end-of-turn tokens (benchmarks)
 
     @property
     def needs_counts(self) -> bool:

@@ -33,6 +33,9 @@ MAX_ROWS = DECODE_ROWS  # new tokens per call: step.cpp's products use the decod
 NATIVE_PREFILL_TOKENS = 96
 
 
+HEADS = ("all", "last", "none")  # which logits `NativeStep.run` computes (step.cpp's dims[11])
+
+
 class _Lin(ctypes.Structure):
     """step.cpp's `Lin`: one Linear, quantized in qmm.cpp's tile layout (bits 8/4) or fp32 as it is (bits 32)."""
 
@@ -160,23 +163,34 @@ class NativeStep:
 
     def run(self, idx: torch.Tensor, position_ids: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
             valid: torch.Tensor, pos: int, rows_valid: torch.Tensor | None = None,
-            start: torch.Tensor | None = None) -> torch.Tensor:
+            start: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+            head: str = "all") -> torch.Tensor | None:
         """Logits (B, T, V) of T new tokens per row (idx, position_ids: (B, T); B * T <= MAX_ROWS). Each layer's
         K/V buffers (>= B rows, nkv, S, hd) get token t at buffer position pos + t, which attends to the valid
         keys up to its own; valid (>= B rows, S) marks those keys, and its columns pos..pos+T-1 are first set
         to `rows_valid` ((B,) or (B, T) for left padding; all True by default). `start` ((B,) int64, default
         zeros) is each row's first key that may be valid: attention scans [start, pos + t] only, which matters
-        where rows begin late in a long shared buffer. A padding token's own output is zeros where it sees no
-        valid key."""
+        where rows begin late in a long shared buffer. `rows` ((B,) distinct int64, default 0..B-1) is each
+        row's row of the buffers and `valid`: the serving engine steps its occupied slots only. A padding
+        token's own output is zeros where it sees no valid key. head="last" gives each row's last token's
+        logits only, (B, 1, V), and "none" none (None): a prefill piece skips the head, a fifth of SmolLM2."""
         c = self.cfg
         B, T = idx.shape
         S = k[0].size(2)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if B * T > MAX_ROWS or pos + T > S:
             raise ValueError(f"the native step takes at most {MAX_ROWS} tokens and needs pos + T <= S")
         if valid.dtype != torch.bool or valid.size(1) != S or not valid.is_contiguous():
             raise ValueError("valid must be a contiguous bool (rows, S) mask")
-        if min(k[0].size(0), valid.size(0)) < B or tuple(k[0].shape[1::2]) != (c.n_kv_head, c.head_dim):
-            raise ValueError(f"the K/V buffers and valid mask need >= {B} rows of ({c.n_kv_head}, S, {c.head_dim})")
+        need = B
+        if rows is not None:
+            rows = rows.to(torch.int64).contiguous()
+            if rows.shape != (B,) or int(rows.min()) < 0 or len(set(rows.tolist())) != B:
+                raise ValueError(f"rows must be ({B},) distinct non-negative row indices")
+            need = int(rows.max()) + 1
+        if min(k[0].size(0), valid.size(0)) < need or tuple(k[0].shape[1::2]) != (c.n_kv_head, c.head_dim):
+            raise ValueError(f"the K/V buffers and valid mask need >= {need} rows of ({c.n_kv_head}, S, {c.head_dim})")
         if start is not None:
             start = start.to(torch.int64).contiguous()
             if start.shape != (B,) or int(start.min()) < 0 or int(start.max()) > pos:
@@ -184,32 +198,38 @@ class NativeStep:
         x, rope = self.model.embed(idx, position_ids)
         x = x.reshape(B * T, c.d_model).contiguous()
         cos, sin = (t.reshape(B * T, c.head_dim).contiguous() for t in rope)
-        valid[:B, pos:pos + T] = True if rows_valid is None else rows_valid.reshape(B, -1)
+        mark = True if rows_valid is None else rows_valid.reshape(B, -1)
+        if rows is None:
+            valid[:B, pos:pos + T] = mark
+        else:
+            valid[rows, pos:pos + T] = mark
         kv = self._kv(k, v)
         L = c.n_layer
-        dims = (ctypes.c_int64 * 11)(L, B, T, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size,
-                                     S, pos)
-        logits = torch.empty(B, T, c.vocab_size)
+        dims = (ctypes.c_int64 * 12)(L, B, T, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, c.vocab_size,
+                                     S, pos, HEADS.index(head))
+        logits = None if head == "none" else torch.empty(B, T if head == "all" else 1, c.vocab_size)
         qkernel._load()[0].llmkit_decode_step(dims, self.eps, self.scale, self.lins, self.norms, kv,
                                               kv + ctypes.sizeof(ctypes.c_void_p) * L, valid.data_ptr(),
-                                              _ptr(start), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                              logits.data_ptr())
+                                              _ptr(start), _ptr(rows), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                              _ptr(logits))
         return logits
 
     def prefill(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: KVCache,
-                begin: int = 0, end: int | None = None) -> torch.Tensor:
+                begin: int = 0, end: int | None = None, logits: bool = True) -> torch.Tensor | None:
         """Tokens [begin, end) of left-padded prompts (idx, position_ids, mask: (B, T)) into `cache`, whose
         column j holds token j (`cache.pos` == begin), in pieces of at most MAX_ROWS tokens in all; `cache.pos`
-        ends at `end`. Returns the logits (B, V) of each row's last token of the span."""
+        ends at `end`. Returns the logits (B, V) of each row's last token of the span (None with logits=False:
+        a chunk of a longer prefill)."""
         B, T = idx.shape
         end = T if end is None else end
         step = max(1, MAX_ROWS // B)
+        out = None
         for a in range(begin, end, step):
             sl = slice(a, min(end, a + step))
-            logits = self.run(idx[:, sl], position_ids[:, sl], cache.k, cache.v, cache.valid, cache.pos,
-                              mask[:, sl].bool())
+            out = self.run(idx[:, sl], position_ids[:, sl], cache.k, cache.v, cache.valid, cache.pos,
+                           mask[:, sl].bool(), head="last" if logits and sl.stop == end else "none")
             cache.pos = sl.stop
-        return logits[:, -1]
+        return None if out is None else out[:, -1]
 
     def __call__(self, idx: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """`decode_step`'s contract (cache: a `StaticKVCache`): the token goes to `cache.write_pos`."""

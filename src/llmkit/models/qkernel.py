@@ -32,7 +32,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 5, 5  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 5, 6  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -118,7 +118,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         fn(32 if switch(f"LLMKIT_INT{bits}_ACT") == "fp32" else integer)
     F = ctypes.c_float
-    lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P]
+    lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
 
 

@@ -34,7 +34,7 @@ from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_rows
 from llmkit.models.kv_cache import KVCache
-from llmkit.models.native_step import MAX_ROWS, NATIVE_PREFILL_TOKENS, native_step
+from llmkit.models.native_step import MAX_ROWS, native_step
 from llmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("llmkit.serve")
@@ -97,6 +97,13 @@ class GenRequest:
 
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
 CHUNK_STEPS = 1.5
+# With nothing decoding, prompts of up to this many tokens (all rows together) are prefilled by the native step
+# (in pieces of MAX_ROWS tokens), longer ones by the model's forward. `generate` switches at
+# NATIVE_PREFILL_TOKENS (96), measured on the main thread; on this engine's thread the forward's OpenMP GEMMs
+# run up to 2x slower (libgomp throttles a second thread's team), and SmolLM2 int8 measured there (medians of
+# 5): 8 x 18 tokens 375 ms forward against 172 native, 4 x 64 549 against 342, 256 tokens 494 against 417,
+# 384 tokens 668 against 661.
+ENGINE_PREFILL_TOKENS = 384
 
 
 class Engine:
@@ -308,9 +315,9 @@ class Engine:
         t0 = time.perf_counter()
         rows, step = len(job.reqs), MAX_ROWS // len(job.reqs)
         native = self._native is not None and step > 0 and (
-            end - job.done <= step if self.n_running else rows * (end - job.done) <= NATIVE_PREFILL_TOKENS)
+            end - job.done <= step if self.n_running else rows * (end - job.done) <= ENGINE_PREFILL_TOKENS)
         if native:  # in pieces of <= MAX_ROWS tokens, each written at the cache position it fills
-            logits = self._native.prefill(job.idx, job.pos, job.mask, job.cache, job.done, end)
+            logits = self._native.prefill(job.idx, job.pos, job.mask, job.cache, job.done, end, logits=end == T)
         else:
             sl = slice(job.done, end)
             logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],
@@ -384,15 +391,21 @@ class Engine:
         if c.pos >= c.max_len:  # compaction: drop the stale left part of the buffer
             self._realign(max(r.n_cached for r in self.slots if r is not None))
         rows = self.slots[:hi]
-        tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
-        pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
-        mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
-        if self._native is not None and hi <= MAX_ROWS:  # writes at c.pos, attends only to valid keys
-            # each row scans only its own span of the shared buffer: [c.pos - n_cached, c.pos]
-            start = torch.tensor([c.pos - r.n_cached if r else c.pos for r in rows])
-            logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, mask[:, 0].bool(), start)
+        active = [i for i, r in enumerate(rows) if r is not None]
+        if self._native is not None and len(active) <= MAX_ROWS:  # writes at c.pos, attends only to valid keys
+            # only the occupied slots are computed (a freed slot in the middle costs nothing), and each scans
+            # only its own span of the shared buffer: [c.pos - n_cached, c.pos]
+            live = [rows[i] for i in active]
+            tokens = torch.tensor([[r.next_token] for r in live])
+            pos = torch.tensor([[r.n_cached] for r in live])
+            start = torch.tensor([c.pos - r.n_cached for r in live])
+            logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, start=start, rows=torch.tensor(active))
             c.pos += 1
+            rows, active = live, list(range(len(live)))
         else:
+            tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
+            pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
+            mask = torch.tensor([[1 if r else 0] for r in rows], device=self.device)  # (hi, 1)
             # a view of rows [0, hi) and buffer positions [lo, L): everything left of lo is stale for every row,
             # so attention only spans the longest active sequence (+1), not the whole buffer
             lo = c.pos - max(r.n_cached for r in rows if r is not None)
@@ -405,8 +418,7 @@ class Engine:
         self.stats["steps"] += 1
         dt = time.perf_counter() - t0
         self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
-        logits = logits[:, -1]  # (hi, V)
-        active = [i for i, r in enumerate(rows) if r is not None]
+        logits = logits[:, -1]  # (rows, V)
         toks = self._choose([rows[i] for i in active], logits[active])
         produced = 0
         for i, tok in zip(active, toks):
@@ -454,7 +466,7 @@ class Engine:
         if req.t_first is None:
             req.t_first = time.perf_counter()
         eos = self.tok.eos_id
-        if (eos is not None and tok == eos) or tok in req.stop_ids:
+        if ((eos is not None and tok == eos) or tok in req.stop_ids) and not req.params.ignore_eos:
             self._finish(req, "stop")  # the end-of-turn token itself is not part of the output
             return
         lp: list[dict[str, Any]] = []

@@ -46,7 +46,7 @@ Stop = _StopStr | Annotated[list[_StopStr], Field(max_length=MAX_STOPS)] | None
 _NEUTRAL: dict[str, Any] = {
     "suffix": None, "best_of": 1, "functions": None, "function_call": None, "audio": None, "modalities": ["text"],
     "reasoning_effort": None, "web_search_options": None, "verbosity": None, "min_p": 0.0, "min_tokens": 0,
-    "ignore_eos": False, "use_beam_search": False, "length_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0,
+    "use_beam_search": False, "length_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0,
     "mirostat": 0, "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
     "structured_outputs": None, "grammar": None, "json_schema": None, "bad_words": None,
     "allowed_token_ids": None, "include_stop_str_in_output": False, "skip_special_tokens": True,
@@ -100,6 +100,8 @@ class _Sampling(_Body):
                           Field(json_schema_extra={"additionalProperties": False})] | None = Field(
         None, description="token id (as a string) -> bias added to its logit; -100 bans, 100 forces")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens already generated")
+    ignore_eos: bool = Field(False, description="vLLM extension: generate past end-of-sequence and end-of-turn "
+                             "tokens until max_tokens or a stop string (for benchmarks)")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per earlier occurrence")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained JSON")
     seed: Int(ge=0, le=2**53) | None = None

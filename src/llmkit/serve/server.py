@@ -358,7 +358,8 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, budget: int
     return SamplingParams(max_new_tokens=budget, temperature=body.temperature, top_k=body.top_k,
                           top_p=body.top_p if body.top_p < 1 else None,
                           repetition_penalty=body.repetition_penalty, stop=stops, seed=seed, logit_bias=bias,
-                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          ignore_eos=body.ignore_eos)
 
 
 def usage(prompts: list[list[int]], n_choices_per_prompt: int, generated: dict[int, int]) -> dict[str, int]:

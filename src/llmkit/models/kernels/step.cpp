@@ -154,17 +154,22 @@ void prep(const Lin& L, const float* x, int64_t M, void* scratch, const Team& tm
   if (L.bits == 4) tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
 }
 
+// This thread's share [a, b) of L's tiles.
+void my_share(const Lin& L, const Team& tm, int64_t& a, int64_t& b) {
+  const int64_t tiles = L.bits == 32 ? (L.N + 3) / 4 : L.N / 4;
+  share(tiles, L.bits == 32 ? llmkit_f32_grain(L.K) : L.bits == 8 ? llmkit_int8_grain(L.K) : llmkit_int4_grain(L.K),
+        tm.tid, tm.nt, a, b);
+}
+
 // This thread's share of y = x W^T (no bias, no barrier), x prepared by `prep`.
 void product(const Lin& L, const float* x, float* y, int64_t M, const void* scratch, const Team& tm) {
   int64_t a, b;
+  my_share(L, tm, a, b);
   if (L.bits == 32) {
-    share((L.N + 3) / 4, llmkit_f32_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_f32_range(x, static_cast<const float*>(L.w), y, M, L.K, L.N, a, b);
   } else if (L.bits == 8) {
-    share(L.N / 4, llmkit_int8_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_int8_range(x, scratch, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
   } else {
-    share(L.N / 4, llmkit_int4_grain(L.K), tm.tid, tm.nt, a, b);
     llmkit_int4_range(scratch, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g, a, b);
   }
 }
@@ -251,6 +256,43 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+#ifdef __AVX512F__
+// out (G x 16H) = sum over the n valid keys of p[j][i] * V[i] for G heads whose outputs stay in G x H
+// registers (the AVX2 loop below reads and writes them in memory for every key, which bounded it). The sums
+// run over the keys in order, one fma each, as that loop does: the same results.
+template <int G, int H>
+void weigh_block(const float* p, int64_t n, const uint8_t* ok, const float* V, float* out) {
+  constexpr int64_t hd = 16 * H;
+  __m512 acc[G][H];
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    if (!ok[i]) continue;
+    for (int c = 0; c < H; ++c) {
+      const __m512 v = _mm512_loadu_ps(V + i * hd + 16 * c);
+      for (int j = 0; j < G; ++j) acc[j][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[j * n + i]), v, acc[j][c]);
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < H; ++c) _mm512_storeu_ps(out + j * hd + 16 * c, acc[j][c]);
+}
+
+// weigh_block over g heads of head_dim 16H, in passes of at most 4 heads and 16 registers.
+template <int H>
+void weigh_values(const float* p, int64_t n, const uint8_t* ok, const float* V, int64_t g, float* out) {
+  constexpr int GP = std::min(4, 16 / H);
+  int64_t j = 0;
+  for (; j + GP <= g; j += GP) weigh_block<GP, H>(p + j * n, n, ok, V, out + j * 16 * H);
+  const int64_t rest = g - j;
+  if constexpr (GP > 1)
+    if (rest == 1) weigh_block<1, H>(p + j * n, n, ok, V, out + j * 16 * H);
+  if constexpr (GP > 2)
+    if (rest == 2) weigh_block<2, H>(p + j * n, n, ok, V, out + j * 16 * H);
+  if constexpr (GP > 3)
+    if (rest == 3) weigh_block<3, H>(p + j * n, n, ok, V, out + j * 16 * H);
+}
+#endif
+
 // Scores of the g query heads of one KV group against keys [s0, s1), softmax-weighted values accumulated into
 // out (g x hd); returns each head's (max, sum) in m/l. Scores go 8 keys at a time (8 independent sums, one
 // reduction, one vector exp); p holds them per head (g rows of the span). hd % 8 == 0. A key's score and
@@ -310,6 +352,15 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
     for (int64_t i = n8; i < n; ++i) tail += (pj[i] = pj[i] == -INFINITY ? 0.f : std::exp(pj[i] - mx));
     l[j] = hsum(sum) + tail;
   }
+#ifdef __AVX512F__
+  switch (hd) {  // the weighted sum of the values with the outputs in registers
+    case 16: return weigh_values<1>(p, n, ok + s0, Vh + s0 * hd, g, out);
+    case 32: return weigh_values<2>(p, n, ok + s0, Vh + s0 * hd, g, out);
+    case 64: return weigh_values<4>(p, n, ok + s0, Vh + s0 * hd, g, out);
+    case 128: return weigh_values<8>(p, n, ok + s0, Vh + s0 * hd, g, out);
+    default: break;
+  }
+#endif
   std::fill_n(out, g * hd, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = s0 + i;
@@ -341,11 +392,14 @@ struct Attn {  // the layer-independent shape of a step's attention, and its per
   static constexpr int64_t MIN_KEYS = 256, MAX_PARTS = 8;
   int64_t B, T, nh, nkv, hd, S, pos, g, M, P;
   const int64_t* start;
+  const int64_t* rows;
   std::vector<float> po, pm, pl;
   static int64_t parts_of(int64_t n) { return std::clamp<int64_t>(n / MIN_KEYS, 1, MAX_PARTS); }
   int64_t first(int64_t b) const { return start ? start[b] : int64_t{0}; }
-  Attn(int64_t B_, int64_t T_, int64_t nh_, int64_t nkv_, int64_t hd_, int64_t S_, int64_t pos_, const int64_t* st)
-      : B(B_), T(T_), nh(nh_), nkv(nkv_), hd(hd_), S(S_), pos(pos_), g(nh_ / nkv_), M(B_ * T_), start(st) {
+  int64_t row(int64_t b) const { return rows ? rows[b] : b; }  // row b's row of the K/V buffers and valid
+  Attn(int64_t B_, int64_t T_, int64_t nh_, int64_t nkv_, int64_t hd_, int64_t S_, int64_t pos_, const int64_t* st,
+       const int64_t* rw)
+      : B(B_), T(T_), nh(nh_), nkv(nkv_), hd(hd_), S(S_), pos(pos_), g(nh_ / nkv_), M(B_ * T_), start(st), rows(rw) {
     int64_t lo = pos;
     for (int64_t b = 0; b < B; ++b) lo = std::min(lo, first(b));
     P = parts_of(pos + T - lo);  // task slots per (token, group); a token uses parts_of(its keys)
@@ -373,9 +427,10 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
     if (part >= parts) return;
     const int64_t s0 = a + part * span, s1 = a + std::min(n, part * span + span);
     p.resize(span * g);
-    const float* Kh = K + (b * nkv + kv) * S * hd;
-    const float* Vh = V + (b * nkv + kv) * S * hd;
-    attend_part(qkv + r * width + kv * g * hd, hd, Kh, Vh, valid + b * S, s0, s1, g, hd, scale,
+    const int64_t br = A.row(b);
+    const float* Kh = K + (br * nkv + kv) * S * hd;
+    const float* Vh = V + (br * nkv + kv) * S * hd;
+    attend_part(qkv + r * width + kv * g * hd, hd, Kh, Vh, valid + br * S, s0, s1, g, hd, scale,
                 A.po.data() + t * g * hd, A.pm.data() + t * g, A.pl.data() + t * g, p.data());
   });
   tm.each(A.M, [&](int64_t r) {
@@ -405,26 +460,31 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
 
 extern "C" {
 
-int llmkit_step_abi() { return 5; }
+int llmkit_step_abi() { return 6; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
-// position of each row's first token). Rows of X, cos, sin and logits are (b, t) pairs, b-major: M = B * T.
+// position of each row's first token), head (0: logits of every token, 1: of each row's last token only, 2:
+// none, for a prefill piece whose logits nobody reads; the head is a fifth of SmolLM2's weights). Rows of X,
+// cos, sin and logits are (b, t) pairs, b-major: M = B * T.
 // lins: 5 per layer (qkv, o, gate, up, down) then the head. norms: 2 per layer then the final one.
 // kc/vc: per layer the cache buffers (>= B rows, nkv, S, hd); token t's K/V are written at pos + t.
 // valid: (>= B rows, S) bytes, 1 where a key may be attended (the caller has set columns pos..pos+T-1).
 // start: (B,) each row's first key that may be valid (0 <= start[b] <= pos), or null for all 0.
+// rows: (B,) each row's row of kc/vc/valid (distinct), or null for row b in row b: the serving engine steps only
+// its occupied slots.
 // x: (M, C) embeddings of the new tokens, used as the residual stream (overwritten).
-// cos/sin: (M, hd) RoPE tables of each token's position. logits: (M, V) out.
+// cos/sin: (M, hd) RoPE tables of each token's position. logits: (M, V), (B, V) or unused out, by head.
 void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* lins, const float* const* norms,
-                        float* const* kc, float* const* vc, const uint8_t* valid, const int64_t* start, float* x,
+                        float* const* kc, float* const* vc, const uint8_t* valid, const int64_t* start,
+                        const int64_t* rows, float* x,
                         const float* cos, const float* sin, float* logits) {
   const int64_t L = dims[0], B = dims[1], T = dims[2], C = dims[3], nh = dims[4], nkv = dims[5], hd = dims[6],
-                F = dims[7], S = dims[9], pos = dims[10], M = B * T;
+                F = dims[7], S = dims[9], pos = dims[10], head = dims[11], M = B * T;
   const int64_t nq = nh * hd, nk = nkv * hd, width = nq + 2 * nk;
   std::vector<float> h(M * C), qkv(M * width), att(M * nq), o(M * C), g(M * F), u(M * F);
   const int64_t Kmax = std::max({C, nq, F});
   std::vector<float> scratch((std::max(llmkit_int4_scratch(M, Kmax), llmkit_int8_scratch(M, Kmax)) + 3) / 4);
-  Attn A(B, T, nh, nkv, hd, S, pos, start);
+  Attn A(B, T, nh, nkv, hd, S, pos, start, rows);
   // The whole step is one job for the step's threads, its stages separated by barriers (see Pool).
   Pool& pool = Pool::get();
   const std::function<void(int, int)> job = [&](int tid, int nt) {
@@ -437,7 +497,7 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
       tm.single([&] { rmsnorm(x, norms[2 * l], h.data(), M, C, eps); });
       linear(lin[0], h.data(), qkv.data(), M, scratch.data(), tm);
       tm.each(M, [&](int64_t r) {
-        const int64_t b = r / T, dst = pos + r % T;
+        const int64_t b = A.row(r / T), dst = pos + r % T;
         float* q = qkv.data() + r * width;
         for (int64_t j = 0; j < nh; ++j) rope(q + j * hd, cos + r * hd, sin + r * hd, hd);
         for (int64_t j = 0; j < nkv; ++j) {
@@ -459,8 +519,16 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
         for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
       });
     }
-    tm.single([&] { rmsnorm(x, norms[2 * L], h.data(), M, C, eps); });
-    linear(lins[5 * L], h.data(), logits, M, scratch.data(), tm);
+    if (head == 2) return;
+    // the final norm and the head over every token, or over each row's last one (h's first B rows)
+    const int64_t Mh = head == 1 ? B : M;
+    tm.single([&] {
+      if (head == 1)
+        for (int64_t b = 0; b < B; ++b) rmsnorm(x + (b * T + T - 1) * C, norms[2 * L], h.data() + b * C, 1, C, eps);
+      else
+        rmsnorm(x, norms[2 * L], h.data(), M, C, eps);
+    });
+    linear(lins[5 * L], h.data(), logits, Mh, scratch.data(), tm);
   };
   pool.run(std::max(1, at::get_num_threads()), job);
 }
