@@ -55,10 +55,10 @@ def aggregate(engine: Engine, tok: Any, clients: int, new: int) -> float:
     """Tokens/s of `clients` greedy requests submitted together, each exactly `new` tokens (ignore_eos, as
     vLLM's throughput benchmark does: a client that stopped early would leave fewer streams than measured)."""
     s = Streams(clients)
+    sp = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
     for i in range(clients):
-        engine.submit(new_request(engine, _prompt(tok, QUESTIONS[i % len(QUESTIONS)]),
-                                  SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True), s.sink(i)))
+        engine.submit(new_request(engine, _prompt(tok, QUESTIONS[i % len(QUESTIONS)]), sp, s.sink(i)))
     s.done.wait(600)
     return sum(len(t) for t in s.times.values()) / (time.perf_counter() - t0)
 
@@ -66,10 +66,10 @@ def aggregate(engine: Engine, tok: Any, clients: int, new: int) -> float:
 def stall(engine: Engine, tok: Any, long_ids: list[int], new: int) -> dict[str, float]:
     """4 running streams; a long prompt arrives: p95 of their gaps while it is prefilled vs their median gap."""
     s = Streams(5)
-    for i in range(4):  # long answers, so the streams are still running when the long prompt arrives
-        engine.submit(new_request(engine, _prompt(tok, LONG_ANSWERS[i]), SamplingParams(max_new_tokens=new, temperature=0,
-                                                                                          ignore_eos=True), s.sink(i)))
-    deadline = time.perf_counter() + 300  # bounded: a stream that ends early (eos) must not hang the suite
+    sp = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)  # running when the long prompt arrives
+    for i in range(4):
+        engine.submit(new_request(engine, _prompt(tok, LONG_ANSWERS[i]), sp, s.sink(i)))
+    deadline = time.perf_counter() + 300  # bounded, whatever the streams do
     while min(len(s.times[i]) for i in range(4)) < 8 and s.finished == 0 and time.perf_counter() < deadline:
         time.sleep(0.005)
     t_arrive = time.perf_counter()

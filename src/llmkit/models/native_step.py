@@ -31,6 +31,11 @@ MAX_ROWS = DECODE_ROWS  # new tokens per call: step.cpp's products use the decod
 # layer) against ~20 ms native; at 96-100 tokens the two tie (AVX2: 379 against 398 tok/s; AVX-512 VNNI with
 # bf16 GEMMs: 684 against 707), and past that the forward wins (200 tokens: 624 against 980 on the latter).
 NATIVE_PREFILL_TOKENS = 96
+# The serving engine's switch, on its own thread, with nothing decoding (serve/engine.py): there the forward's
+# OpenMP GEMMs run up to 2x slower than on the main thread (libgomp throttles a second thread's team). SmolLM2
+# int8 measured on the engine thread (medians of 5), forward against native: 8 x 18 tokens 375 against 172 ms,
+# 4 x 64 549 against 342, 256 tokens 494 against 417, 384 tokens 668 against 661.
+ENGINE_PREFILL_TOKENS = 384
 
 
 HEADS = ("all", "last", "none")  # which logits `NativeStep.run` computes (step.cpp's dims[11])

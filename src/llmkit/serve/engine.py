@@ -34,7 +34,7 @@ from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, sample_rows
 from llmkit.models.kv_cache import KVCache
-from llmkit.models.native_step import MAX_ROWS, native_step
+from llmkit.models.native_step import ENGINE_PREFILL_TOKENS, MAX_ROWS, native_step
 from llmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("llmkit.serve")
@@ -97,13 +97,6 @@ class GenRequest:
 
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
 CHUNK_STEPS = 1.5
-# With nothing decoding, prompts of up to this many tokens (all rows together) are prefilled by the native step
-# (in pieces of MAX_ROWS tokens), longer ones by the model's forward. `generate` switches at
-# NATIVE_PREFILL_TOKENS (96), measured on the main thread; on this engine's thread the forward's OpenMP GEMMs
-# run up to 2x slower (libgomp throttles a second thread's team), and SmolLM2 int8 measured there (medians of
-# 5): 8 x 18 tokens 375 ms forward against 172 native, 4 x 64 549 against 342, 256 tokens 494 against 417,
-# 384 tokens 668 against 661.
-ENGINE_PREFILL_TOKENS = 384
 
 
 class Engine:
@@ -392,16 +385,15 @@ class Engine:
             self._realign(max(r.n_cached for r in self.slots if r is not None))
         rows = self.slots[:hi]
         active = [i for i, r in enumerate(rows) if r is not None]
+        live = [rows[i] for i in active]  # the requests stepped, in the order of the logits kept below
         if self._native is not None and len(active) <= MAX_ROWS:  # writes at c.pos, attends only to valid keys
             # only the occupied slots are computed (a freed slot in the middle costs nothing), and each scans
             # only its own span of the shared buffer: [c.pos - n_cached, c.pos]
-            live = [rows[i] for i in active]
             tokens = torch.tensor([[r.next_token] for r in live])
             pos = torch.tensor([[r.n_cached] for r in live])
             start = torch.tensor([c.pos - r.n_cached for r in live])
             logits = self._native.run(tokens, pos, c.k, c.v, c.valid, c.pos, start=start, rows=torch.tensor(active))
             c.pos += 1
-            rows, active = live, list(range(len(live)))
         else:
             tokens = torch.tensor([[r.next_token if r else 0] for r in rows], device=self.device)  # (hi, 1)
             pos = torch.tensor([[r.n_cached if r else 0] for r in rows], device=self.device)  # (hi, 1)
@@ -414,18 +406,17 @@ class Engine:
             view.valid, view.pos, view.max_len = c.valid[:hi, lo:], c.pos - lo, c.max_len - lo
             view.memory, view.memory_mask, view.cross_kv = None, None, {}
             logits = self.model(tokens, attention_mask=mask, position_ids=pos, cache=view, last_only=True).logits
+            logits = logits[active]  # the occupied slots' rows
             c.pos = view.pos + lo
         self.stats["steps"] += 1
         dt = time.perf_counter() - t0
         self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
-        logits = logits[:, -1]  # (rows, V)
-        toks = self._choose([rows[i] for i in active], logits[active])
-        produced = 0
-        for i, tok in zip(active, toks):
-            r = rows[i]
+        logits = logits[:, -1]  # (len(live), V)
+        toks = self._choose(live, logits)
+        for r, row, tok in zip(live, logits, toks):
             r.n_cached += 1
-            self._accept(r, logits[i], tok)
-            produced += 1
+            self._accept(r, row, tok)
+        produced = len(live)
         if self.on_step is not None:
             self.on_step(produced, time.perf_counter() - t0)
 

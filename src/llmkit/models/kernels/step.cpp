@@ -305,8 +305,8 @@ void attend_part(const float* q, int64_t qstride, const float* Kh, const float* 
   for (int64_t i = 0; i < n8; i += W) {
     const float* kb = Kh + (s0 + i) * hd;
     // the keys 2 steps ahead into L1, and this step's values into L2 for the weighted sum below: K and V
-    // come from memory (the weights evicted them), and without this the 8-row step spent a quarter of its
-    // time waiting on them
+    // come from memory (the weights evicted them); measured 1.02-1.05x on the step (A/B), as attention stays
+    // bound by the latency of those reads
     for (int64_t c = 0; c < W * hd; c += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(kb + 2 * W * hd + c), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(Vh + (s0 + i) * hd + c), _MM_HINT_T1);
