@@ -51,12 +51,12 @@ needs_kernel = pytest.mark.skipif(not qkernel.available(), reason=f"llmkit's ker
 @pytest.mark.parametrize("act,own", [(torch.bfloat16, False), (None, False),
                                      pytest.param(None, True, marks=needs_kernel),
                                      pytest.param(torch.bfloat16, True, marks=needs_kernel)])
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 20])  # <= 16 rows: the int kernels; 20: one GEMM
-def test_quant_linear_matches_dequantized_matmul(bits, group, act, own, rows):
+@pytest.mark.parametrize("bits,group,act_bits", [(8, None, 16), (8, None, 8), (4, 32, 16), (4, 64, 16), (4, 128, 16)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 20])  # <= 16 rows: the int kernels; 20: one GEMM
+def test_quant_linear_matches_dequantized_matmul(bits, group, act_bits, act, own, rows):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=True)
-    q = QuantLinear.from_linear(lin, bits, group)
+    q = QuantLinear.from_linear(lin, bits, group, act_bits)
     q.prepare(act, own_kernel=own)
     assert (q._tiles is not None) == own
     x = torch.randn(rows, 256)
@@ -65,19 +65,22 @@ def test_quant_linear_matches_dequantized_matmul(bits, group, act, own, rows):
     if kernel and bits == 4 and qkernel.int4_act() == 8:  # int8 x against q * scale, exact x against the mins
         mins = q.mins.double().repeat_interleave(group, 1)
         want = (reference_rounded_act(x, 32, 127) @ (w - mins).T + x.double() @ mins.T + lin.bias.double()).float()
-    elif kernel and bits == 8 and qkernel.int8_act() == 16:  # int16 x per row against q * scale
+    elif kernel and bits == 8 and act_bits == 8 and qkernel.int8_act() == 8:  # int8 x per row against q * scale
+        want = (reference_rounded_act(x, x.size(1), 127) @ w.T + lin.bias.double()).float()
+    elif kernel and bits == 8 and qkernel.int8_act() != 32:  # int16 x per row against q * scale
         want = (reference_rounded_act(x, x.size(1), 32767) @ w.T + lin.bias.double()).float()
     else:
         want = (x.double() @ w.T + lin.bias.double()).float()
     got = q(x).detach()
     # bf16 activations carry ~3 significant digits: 2% of the output scale; fp32 (llmkit's kernel on fp32
     # activations for <= 16 rows, a dense fp32 weight otherwise) and the VNNI products against x rounded the
-    # same way (int8 per 32-column block for int4, int16 per row for int8; the products are then exact): 1e-5
+    # same way (int8 per 32-column block for int4, int16 or int8 per row for int8; the products are then
+    # exact): 1e-5
     tol = 2e-2 if act is not None and not (own and rows <= 16) else 1e-5
     assert (got - want).abs().max() <= tol * want.abs().max()
     # and the quantization error itself is small against the fp32 layer (int4 groups: ~5-10%)
     full = lin(x)
-    assert (got - full).norm() / full.norm() < (0.02 if bits == 8 else 0.12)
+    assert (got - full).norm() / full.norm() < (0.02 if bits == 8 and act_bits == 16 else 0.12)
 
 
 @needs_kernel
@@ -136,7 +139,7 @@ def test_kernel_switch_typo_is_refused(name, monkeypatch):
     finally:
         monkeypatch.delenv(name)
         qkernel._load.cache_clear()
-    assert qkernel.int4_act() in (8, 32) and qkernel.int8_act() in (16, 32)
+    assert qkernel.int4_act() in (8, 32) and qkernel.int8_act() in (8, 16, 32)
 
 
 def test_int4_pack_round_trip():
@@ -177,6 +180,10 @@ def test_quantize_command_round_trip(llama_ckpt, tmp_path, bits, extra, tol, hea
     assert r.returncode == 0, r.stderr
     meta = read_meta(out)
     assert meta["quantization"]["bits"] == bits and "lm_head" in meta["quantization"]["modules"]
+    acts = {n: spec.get("act_bits", 16) for n, spec in meta["quantization"]["modules"].items()}
+    # int8: every block layer smoothed (the embedded Bible as calibration) and given int8 activations
+    assert acts == {n: 8 if bits == 8 and n != "lm_head" else 16 for n in acts}
+    assert ("smoothing" in meta["quantization"]) == (bits == 8)
     qmodel, tok = load(out)
     fmodel, _ = load(llama_ckpt)
     assert tok is not None and isinstance(qmodel.lm_head, QuantLinear)
@@ -204,7 +211,10 @@ def test_quantize_refusals(llama_ckpt, tmp_path):
                         ((str(llama_ckpt), str(tmp_path / "b3"), "--bits", "3"), "--bits 3"),
                         ((str(llama_ckpt), str(tmp_path / "g48"), "--bits", "4", "--group_size", "48"), "group_size 48"),
                         ((str(llama_ckpt), str(tmp_path / "g8"), "--bits", "8", "--group_size", "32"), "per output channel"),
-                        ((str(llama_ckpt), str(tmp_path / "h2"), "--bits", "4", "--head_bits", "2"), "--head_bits 2")]:
+                        ((str(llama_ckpt), str(tmp_path / "h2"), "--bits", "4", "--head_bits", "2"), "--head_bits 2"),
+                        ((str(llama_ckpt), str(tmp_path / "a4"), "--bits", "8", "--act_bits", "4"), "--act_bits 4"),
+                        ((str(llama_ckpt), str(tmp_path / "c"), "--calibration", str(tmp_path / "none.txt")),
+                         "no such file")]:
         r = _run("quantize", *args)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / args[1].rsplit("/", 1)[-1]).exists() or args[1] == str(out)

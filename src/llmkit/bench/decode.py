@@ -30,7 +30,8 @@ from llmkit.models import qkernel
 from llmkit.models.build import build_model
 from llmkit.models.config import preset
 from llmkit.models.native_step import native_disabled, native_step
-from llmkit.models.quant import prepare_quantized, quantize_model
+from llmkit.models.quant import prepare_quantized
+from llmkit.models.quantize import default_calibration_text, quantize_in_place
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -120,9 +121,10 @@ def _smollm2(quick: bool) -> dict[str, Any]:
     hf, sd, hf_tok = read_gguf(path)
     fp32, _ = imported_model(hf, sd, str(path))
     models = {"fp32": fp32}
+    calibration = hf_tok(default_calibration_text())["input_ids"]
     for name, bits, group in (("int8", 8, None), ("int4", 4, 32)):
         m = copy.deepcopy(fp32)
-        quantize_model(m, bits, group, head_bits=8)  # what `llmkit quantize` writes
+        quantize_in_place(m, bits, group, head_bits=8, calibration=calibration)  # what `llmkit quantize` writes
         prepare_quantized(m)
         models[name] = m.eval()
     gg = copy.deepcopy(fp32)

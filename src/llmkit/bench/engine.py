@@ -14,7 +14,8 @@ from typing import Any
 from llmkit.bench.decode import GGUF_NAME
 from llmkit.data.corpus import bible_verses, package_dir
 from llmkit.inference.sampling import SamplingParams
-from llmkit.models.quant import prepare_quantized, quantize_model
+from llmkit.models.quant import prepare_quantized
+from llmkit.models.quantize import default_calibration_text, quantize_in_place
 from llmkit.serve.engine import Engine, TokenEvent, new_request
 
 LONG_ANSWERS = ["Write a long story about a lighthouse keeper.", "Explain in detail how a steam engine works.",
@@ -99,7 +100,7 @@ def bench(quick: bool = False) -> dict[str, Any]:
     hf, sd, hf_tok = read_gguf(path)
     model, _ = imported_model(hf, sd, str(path))
     model = copy.deepcopy(model)
-    quantize_model(model, 8)
+    quantize_in_place(model, 8, calibration=hf_tok(default_calibration_text())["input_ids"])  # as `llmkit quantize`
     prepare_quantized(model)
     tok = tokenizer_from_transformers(hf_tok)
     new = 24 if quick else 64

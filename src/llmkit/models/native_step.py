@@ -45,7 +45,7 @@ class _Lin(ctypes.Structure):
     """step.cpp's `Lin`: one Linear, quantized in qmm.cpp's tile layout (bits 8/4) or fp32 as it is (bits 32)."""
 
     _fields_ = [("bits", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("g", ctypes.c_int64),
-                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("c", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -117,7 +117,8 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
     and the norms' weights."""
     out = []
     for m in _linears(model):
-        parts = (m.weight, m.bias) if type(m) is nn.Linear else (m._tiles, m.scales if m.bits == 8 else m._sm, m.bias)
+        parts = ((m.weight, m.bias) if type(m) is nn.Linear else
+                 (m._tiles, m.scales if m.bits == 8 else m._sm, m._sums, m.bias))
         out += [t for t in parts if t is not None]
     return out + [n.weight for n in _norms(model)]
 
@@ -130,9 +131,9 @@ def _key(model: nn.Module) -> tuple[int, ...]:
 
 def _lin(m: nn.Module) -> _Lin:
     if type(m) is nn.Linear:
-        return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, _ptr(m.bias))
+        return _Lin(32, m.out_features, m.in_features, 0, _ptr(m.weight), None, None, _ptr(m.bias))
     return _Lin(m.bits, m.out_features, m.in_features, m.group_size or 0, _ptr(m._tiles),
-                _ptr(m.scales if m.bits == 8 else m._sm), _ptr(m.bias))
+                _ptr(m.scales if m.bits == 8 else m._sm), _ptr(m._sums), _ptr(m.bias))
 
 
 class NativeStep:

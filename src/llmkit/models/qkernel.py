@@ -7,8 +7,9 @@ The C++ files are compiled once per machine with `g++ -O3 -march=native` (about 
 Where it cannot be built (no g++, a CPU without AVX2/FMA, not x86) `available()` says why and the quantized
 layers keep PyTorch's kernels.
 `LLMKIT_QUANT_KERNEL=torch` turns it off. Where the CPU has AVX-512 VNNI the products take integer activations:
-int8 layers round x to int16 per row, int4 layers to int8 per 32-column block (`int8_act`, `int4_act`;
-LLMKIT_INT8_ACT=fp32 / LLMKIT_INT4_ACT=fp32 keep fp32). Inside `torch.compile` the products are custom ops,
+int8 layers round x per row to int8 (layers quantized with int8 activations, `row_sums`) or int16 (the
+others), int4 layers to int8 per 32-column block (`int8_act`, `int4_act`; LLMKIT_INT8_ACT=int16 rounds every
+int8 layer's x to int16, LLMKIT_INT8_ACT=fp32 / LLMKIT_INT4_ACT=fp32 keep fp32). Inside `torch.compile` the products are custom ops,
 so the compiled decode step calls the same code.
 """
 
@@ -32,7 +33,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 5, 6  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 6, 7  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -55,7 +56,7 @@ def cpu_flags() -> frozenset[str]:
 
 # The kernels' environment switches and the values each takes (unset: the default, the first).
 SWITCHES = {"LLMKIT_KERNEL_ISA": ("native", "avx2"), "LLMKIT_INT4_ACT": ("int8", "fp32"),
-            "LLMKIT_INT8_ACT": ("int16", "fp32")}
+            "LLMKIT_INT8_ACT": ("int8", "int16", "fp32")}
 
 
 def switch(name: str) -> str:
@@ -111,12 +112,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, str(e)
     P, N = ctypes.c_void_p, ctypes.c_int64
     lib.llmkit_f32_mm.argtypes = [P, P, P, N, N, N]
-    lib.llmkit_int8_mm.argtypes = [P, P, P, P, N, N, N]
+    lib.llmkit_int8_mm.argtypes = [P, P, P, P, P, N, N, N]
     lib.llmkit_int4_mm.argtypes = [P, P, P, P, N, N, N, N]
-    for bits, integer in ((4, 8), (8, 16)):  # the activation widths, LLMKIT_INT4_ACT / LLMKIT_INT8_ACT=fp32
+    for bits in (4, 8):  # the activation widths, LLMKIT_INT4_ACT / LLMKIT_INT8_ACT
         fn = getattr(lib, f"llmkit_int{bits}_act")
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        fn(32 if switch(f"LLMKIT_INT{bits}_ACT") == "fp32" else integer)
+        fn({"fp32": 32, "int16": 16, "int8": 8}[switch(f"LLMKIT_INT{bits}_ACT")])
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
@@ -142,6 +143,12 @@ def tile_int8(q: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> the kernel's (N/4, K/16, 4, 16) tiles: each tile's chunks lie side by side."""
     N, K = q.shape
     return q.reshape(N // NB, NB, K // CHUNK, CHUNK).transpose(1, 2).contiguous()
+
+
+def row_sums(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> (N,) int32 128 * sum_k q[n, k]: what the int8-activation product (x stored as x + 128
+    in unsigned bytes) takes back from its sums, exactly."""
+    return q.to(torch.int32).sum(1).mul_(128).to(torch.int32).contiguous()
 
 
 def tile_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -176,13 +183,15 @@ def int4_act() -> int:
 
 
 def int8_act() -> int:
-    """The activation width of the int8 product: 16 where the CPU has AVX-512 VNNI (x rounded to int16 per row,
-    ~1.5e-5 of its largest value), 32 otherwise or with LLMKIT_INT8_ACT=fp32."""
+    """The activation width of the int8 product where the CPU has AVX-512 VNNI: 8 (the default: x rounded per
+    row to int8 in the layers quantized for int8 activations, to int16, ~1.5e-5 of its largest value, in the
+    others) or 16 (int16 in every layer, LLMKIT_INT8_ACT=int16); 32 otherwise or with LLMKIT_INT8_ACT=fp32."""
     return _act(8, 0)
 
 
 def set_int8_act(bits: int) -> int:
-    """Choose 16 (where built with VNNI) or 32 for the int8 product in this process; returns what is in effect."""
+    """Choose 8 or 16 (where built with VNNI) or 32 for the int8 product in this process; returns what is in
+    effect."""
     return _act(8, bits)
 
 
@@ -205,11 +214,12 @@ def f32_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
     M, K = x.shape
     N = scales.numel()
     y = torch.empty(M, N, dtype=torch.float32)
-    _load()[0].llmkit_int8_mm(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), y.data_ptr(), M, K, N)
+    c = None if sums is None else sums.data_ptr()
+    _load()[0].llmkit_int8_mm(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), c, y.data_ptr(), M, K, N)
     return y
 
 
@@ -223,13 +233,14 @@ def _int4_mm(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size:
 
 # Operators for torch.compile, registered with the low-level define/impl API: its Python dispatch costs about
 # 10 us a call against about 45 us for torch.library.custom_op (measured), and a decode step makes ~150 calls.
-torch.library.define("llmkit::int8_mm", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor")
+torch.library.define("llmkit::int8_mm", "(Tensor x, Tensor tiles, Tensor scales, Tensor? sums) -> Tensor")
 torch.library.define("llmkit::int4_mm", "(Tensor x, Tensor tiles, Tensor sm, int group_size) -> Tensor")
 
 
 @torch.library.impl("llmkit::int8_mm", "CPU")
-def _int8_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return _int8_mm(x.contiguous(), tiles, scales)
+def _int8_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
+                 sums: torch.Tensor | None) -> torch.Tensor:
+    return _int8_mm(x.contiguous(), tiles, scales, sums)
 
 
 @torch.library.impl("llmkit::int4_mm", "CPU")
@@ -238,7 +249,8 @@ def _int4_mm_cpu(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_s
 
 
 @torch.library.register_fake("llmkit::int8_mm")
-def _int8_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _int8_mm_fake(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
+                  sums: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.size(0), scales.numel())
 
 
@@ -247,11 +259,13 @@ def _int4_mm_fake(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_
     return x.new_empty(x.size(0), tiles.size(0) * NB)
 
 
-def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """y (M, N) = x (M, K) fp32 @ (q * scales)^T from `tile_int8` tiles; the direct call when eager."""
+def int8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
+            sums: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) fp32 @ (q * scales)^T from `tile_int8` tiles; the direct call when eager. sums
+    (`row_sums`): the layer takes int8 activations (where the CPU has VNNI), else int16 ones."""
     if torch.compiler.is_compiling():
-        return torch.ops.llmkit.int8_mm(x, tiles, scales)
-    return _int8_mm(x.contiguous(), tiles, scales)
+        return torch.ops.llmkit.int8_mm(x, tiles, scales, sums)
+    return _int8_mm(x.contiguous(), tiles, scales, sums)
 
 
 def int4_mm(x: torch.Tensor, tiles: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:

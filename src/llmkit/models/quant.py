@@ -1,7 +1,9 @@
 """Weight-only quantization: int8 per output channel and int4 in groups, run by llmkit's or PyTorch's CPU kernels.
 
 Stored format (safetensors beside the fp32 tensors it replaces, recorded in config.json "quantization"):
-- int8: `qweight` int8 (N, K), `scales` fp32 (N,): w = qweight * scale (symmetric, per output row);
+- int8: `qweight` int8 (N, K), `scales` fp32 (N,): w = qweight * scale (symmetric, per output row); a layer
+  recorded with "act_bits": 8 (inputs smoothed at quantize time, models/smooth.py) rounds its decode-sized
+  inputs to int8 per row on llmkit's VNNI kernel, the others to int16;
 - int4: `qweight` uint8 (N, K/2) with column 2j in the low nibble and 2j+1 in the high one, `scales` and
   `mins` fp32 (N, K/g): w = q * scale + min within each group of g input columns (asymmetric, like GGUF Q4_1).
 At load time each layer picks its kernel (measurements in docs/inference.md): decode-sized inputs (<= 16 rows)
@@ -15,6 +17,7 @@ in every path.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -99,10 +102,14 @@ class QuantLinear(nn.Module):
     """A Linear whose weight is stored as int8 (per row) or int4 (grouped); call `prepare()` after loading."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
-                 bias: bool = False):
+                 bias: bool = False, act_bits: int = 16):
         super().__init__()
         check_format(bits, group_size, in_features)
+        if act_bits not in (8, 16) or (act_bits == 8 and bits != 8):
+            raise LlmkitError(f"act_bits {act_bits} with int{bits} weights is not supported; int8 activations "
+                              "are for int8 weights (act_bits 8 or 16)")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.act_bits = act_bits
         N, K = out_features, in_features
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8))
@@ -116,11 +123,12 @@ class QuantLinear(nn.Module):
         self._dense: torch.Tensor | None = None  # fp32 fallback weight
         self._kernel: tuple[torch.Tensor, ...] = ()
         self._tiles: torch.Tensor | None = None  # llmkit's kernel layout
+        self._sums: torch.Tensor | None = None  # its int8-activation row sums (act_bits 8)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None) -> QuantLinear:
+    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None, act_bits: int = 16) -> QuantLinear:
         """Quantize an fp32 `nn.Linear`."""
-        q = cls(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None)
+        q = cls(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, act_bits)
         with torch.no_grad():
             if bits == 8:
                 q.qweight, q.scales = quantize_int8(lin.weight)
@@ -144,10 +152,11 @@ class QuantLinear(nn.Module):
         act_dtype says so, else fp32), and no dense copy is kept. Otherwise: PyTorch's integer kernels on bf16
         activations (act_dtype bf16) or a dense fp32 weight (act_dtype None)."""
         self._act = act_dtype
-        self._dense, self._kernel, self._tiles, self._sm = None, (), None, None
+        self._dense, self._kernel, self._tiles, self._sm, self._sums = None, (), None, None, None
         if own_kernel and qkernel.fits(self.out_features, self.in_features, self.bits):
             if self.bits == 8:
                 self._tiles = qkernel.tile_int8(self.qweight)
+                self._sums = qkernel.row_sums(self.qweight) if self.act_bits == 8 else None
             else:
                 self._tiles = qkernel.tile_int4(self.qweight)
                 self._sm = qkernel.tile_int4_scales(self.scales, self.mins)
@@ -174,7 +183,7 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.to(act), self.dequantize().to(act))
         elif self._tiles is not None:  # llmkit's kernels (fp32 activations, or integer ones with VNNI)
             x2 = x2.float()
-            y = (qkernel.int8_mm(x2, self._tiles, self.scales) if self.bits == 8 else
+            y = (qkernel.int8_mm(x2, self._tiles, self.scales, self._sums) if self.bits == 8 else
                  qkernel.int4_mm(x2, self._tiles, self._sm, self.group_size))
         elif self.bits == 8:
             y = torch._weight_int8pack_mm(x2.to(self._act), *self._kernel)
@@ -185,7 +194,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+        a = ", act_bits=8" if self.act_bits == 8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}{a}"
 
 
 # ----------------------------------------------------------------------------------------------- whole models
@@ -205,8 +215,11 @@ HEAD = "lm_head"
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
-                   head_bits: int | None = None) -> dict[str, Any]:
+                   head_bits: int | None = None, act8: Collection[str] = ()) -> dict[str, Any]:
     """Swap every nn.Linear for a `QuantLinear` in place; returns the config.json "quantization" record.
+
+    act8: int8 layers (by name) that take int8 activations; their inputs must have been smoothed first
+    (models/smooth.py, as `llmkit quantize` does), or per-row int8 rounding costs several % perplexity.
 
     head_bits: the vocabulary projection's width (default: `bits`). 4-bit models keep it at 8 by default in
     `llmkit quantize`, as llama.cpp's Q4 files keep their output tensor wider: one int4 head costs SmolLM2-135M
@@ -219,10 +232,12 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
             b, g = head_bits, (group_size or 32) if head_bits == 4 else None
         check_format(b, g, model.get_submodule(name).in_features)
         specs[name] = (b, g)
+    act = {n: 8 if n in act8 and b == 8 else 16 for n, (b, _) in specs.items()}
     for name, (b, g) in specs.items():
-        _set(model, name, QuantLinear.from_linear(model.get_submodule(name), b, g))
+        _set(model, name, QuantLinear.from_linear(model.get_submodule(name), b, g, act[name]))
     return {"bits": bits, "group_size": group_size,
-            "modules": {n: {"bits": b, "group_size": g} for n, (b, g) in specs.items()}}
+            "modules": {n: {"bits": b, "group_size": g, **({"act_bits": 8} if act[n] == 8 else {})}
+                        for n, (b, g) in specs.items()}}
 
 
 def apply_quant_layout(model: nn.Module, record: dict[str, Any]) -> None:
@@ -239,7 +254,7 @@ def apply_quant_layout(model: nn.Module, record: dict[str, Any]) -> None:
         if not isinstance(lin, nn.Linear):
             raise LlmkitError(f"config.json quantizes {name!r}, which is not a Linear layer")
         _set(model, name, QuantLinear(lin.in_features, lin.out_features, int(spec["bits"]), spec.get("group_size"),
-                                      lin.bias is not None))
+                                      lin.bias is not None, int(spec.get("act_bits", 16))))
 
 
 def prepare_quantized(model: nn.Module, device: torch.device | str = "cpu") -> torch.dtype | None:

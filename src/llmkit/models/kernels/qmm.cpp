@@ -217,8 +217,10 @@ constexpr bool VNNI = true;
 #else
 constexpr bool VNNI = false;
 #endif
-// The activation widths of the int4 and int8 products: 8 / 16 (integer, VNNI builds' default) or 32 (fp32).
-int int4_act = VNNI ? 8 : 32, int8_act = VNNI ? 16 : 32;
+// The activation widths of the int4 and int8 products: integer in VNNI builds by default, or 32 (fp32). int8
+// layers: 8 rounds x to int8 in the layers quantized for it (those given row sums C) and to int16 in the
+// others; 16 rounds every layer's x to int16.
+int int4_act = VNNI ? 8 : 32, int8_act = VNNI ? 8 : 32;
 
 // Sets `width` to `bits` where it is `vnni_bits` (VNNI builds only) or 32; 0 only asks. Returns the width.
 int choose_act(int& width, int bits, int vnni_bits) {
@@ -351,13 +353,74 @@ void int8_vnni_tile(const int16_t* XQ, const float* XS, const int8_t* T, const f
       Y[(m0 + j) * N + n + 2 * p + 1] = hsum(hi) * xs * S[n + 2 * p + 1];
     }
 }
+
+// int8 x int8 products (AVX-512 VNNI vpdpbusd), for layers quantized with int8 activations (`llmkit quantize`
+// smooths their inputs first, models/smooth.py): each row of x is rounded to int8 with one scale
+// max|x| / 127 and stored offset by 128 as unsigned bytes, so one vpdpbusd multiplies 64 of them by a whole
+// chunk (4 rows x 16 int8 weights) into 16 int32 sums: half the instructions of the int16 path, and no
+// widening of the weights. The offset is taken back exactly with the layer's row sums C = 128 * sum_k q[n, k]
+// (int32, computed once at load). Sums stay exact in int32 for K < 2^16 (4 products < 2^15 per lane and chunk).
+inline void quantize_row8(const float* x, int64_t K, uint8_t* q, float* s) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += CH) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float amax = _mm512_reduce_max_ps(mx);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < K; k += CH) {
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv)), off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(v));
+  }
+  *s = amax / 127.f;
+}
+
+// One tile against rows [m0, m0 + MT) of the offset int8 x; lanes 4r..4r+3 of a sum belong to output row r.
+template <int MT>
+void int8a8_tile(const uint8_t* XQ, const float* XS, const int8_t* T, const float* S, const int32_t* C, float* Y,
+                 int64_t K, int64_t N, int64_t m0, int64_t n) {
+  __m512i acc[MT];
+  for (int j = 0; j < MT; ++j) acc[j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += CH) {
+    const int8_t* chunk = T + k * NB;
+    prefetch_stream(chunk);
+    const __m512i w = _mm512_loadu_si512(chunk);
+    for (int j = 0; j < MT; ++j) {
+      const __m512i xj = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(XQ + (m0 + j) * K + k)));
+      acc[j] = _mm512_dpbusd_epi32(acc[j], xj, w);
+    }
+  }
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(C + n));
+  const __m128 s = _mm_loadu_ps(S + n);
+  for (int j = 0; j < MT; ++j) {  // each row's 4 lanes summed, the offset taken back, then scaled
+    const __m128i a0 = _mm512_extracti32x4_epi32(acc[j], 0), a1 = _mm512_extracti32x4_epi32(acc[j], 1);
+    const __m128i a2 = _mm512_extracti32x4_epi32(acc[j], 2), a3 = _mm512_extracti32x4_epi32(acc[j], 3);
+    const __m128i r = _mm_sub_epi32(_mm_hadd_epi32(_mm_hadd_epi32(a0, a1), _mm_hadd_epi32(a2, a3)), c);
+    _mm_storeu_ps(Y + (m0 + j) * N + n, _mm_mul_ps(_mm_cvtepi32_ps(r), _mm_mul_ps(s, _mm_set1_ps(XS[m0 + j]))));
+  }
+}
+
+// Calls f(MT, m0) over the rows in tiles of at most 8 (MT accumulators and one weight register).
+template <typename F>
+void over_rows8(int64_t M, F f) {
+  for (int64_t m0 = 0; m0 < M;) {
+    switch (M - m0) {
+      case 1: f(std::integral_constant<int, 1>(), m0); m0 += 1; break;
+      case 2: f(std::integral_constant<int, 2>(), m0); m0 += 2; break;
+      case 3: f(std::integral_constant<int, 3>(), m0); m0 += 3; break;
+      case 4: f(std::integral_constant<int, 4>(), m0); m0 += 4; break;
+      case 5: f(std::integral_constant<int, 5>(), m0); m0 += 5; break;
+      case 6: f(std::integral_constant<int, 6>(), m0); m0 += 6; break;
+      case 7: f(std::integral_constant<int, 7>(), m0); m0 += 7; break;
+      default: f(std::integral_constant<int, 8>(), m0); m0 += 8; break;
+    }
+  }
+}
 #endif
 
 }  // namespace
 
 extern "C" {
 
-int llmkit_qmm_abi() { return 5; }
+int llmkit_qmm_abi() { return 6; }
 
 // The products in two forms: llmkit_*_mm runs one on PyTorch's thread pool, and llmkit_*_range computes output
 // tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among its
@@ -368,26 +431,41 @@ int64_t llmkit_f32_grain(int64_t K) { return std::max<int64_t>(1, MIN_BYTES / (N
 int64_t llmkit_int4_grain(int64_t K) { return std::max<int64_t>(1, 2 * MIN_BYTES / (NB * K)); }
 
 // Y (M, N) = X (M, K) @ (q * S)^T with Q the tiled int8 weight (N/4, K/16, 4, 16). N % 4 == 0, K % 16 == 0.
-// Where the CPU has AVX-512 VNNI and int8_act is 16 (the default), x is rounded to int16 per row first
-// (llmkit_int8_prep into llmkit_int8_scratch bytes, see int8_vnni_tile); else x is read as it is.
-int64_t llmkit_int8_scratch(int64_t M, int64_t K) { return int8_act == 16 ? M * K * 2 + M * 4 : 0; }
+// C: the layer's int8-activation row sums (N,) 128 * sum_k q[n, k], or null for a layer without. Where the CPU
+// has AVX-512 VNNI, x is first rounded per row (llmkit_int8_prep into llmkit_int8_scratch bytes): to int8 where
+// C is given and int8_act is 8 (the default; int8a8_tile), else to int16 (int8_vnni_tile); with int8_act 32
+// or without VNNI x is read as it is.
+int64_t llmkit_int8_scratch(int64_t M, int64_t K) { return int8_act != 32 ? M * K * 2 + M * 4 : 0; }
 
-void llmkit_int8_prep(const float* X, int64_t M, int64_t K, void* scratch) {
+void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch) {
 #ifdef LLMKIT_VNNI
-  if (int8_act == 16) {
+  if (C && int8_act == 8) {
+    uint8_t* q = static_cast<uint8_t*>(scratch);
+    float* xs = reinterpret_cast<float*>(q + M * K * 2);
+    for (int64_t m = 0; m < M; ++m) quantize_row8(X + m * K, K, q + m * K, xs + m);
+  } else if (int8_act != 32) {
     int16_t* q = static_cast<int16_t*>(scratch);
     float* xs = reinterpret_cast<float*>(q + M * K);
     for (int64_t m = 0; m < M; ++m) quantize_row16(X + m * K, K, q + m * K, xs + m);
   }
 #else
-  (void)X, (void)M, (void)K, (void)scratch;
+  (void)X, (void)C, (void)M, (void)K, (void)scratch;
 #endif
 }
 
-void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, float* Y, int64_t M,
-                       int64_t K, int64_t N, int64_t t0, int64_t t1) {
+void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, const int32_t* C,
+                       float* Y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1) {
 #ifdef LLMKIT_VNNI
-  if (int8_act == 16) {
+  if (C && int8_act == 8) {
+    const uint8_t* q = static_cast<const uint8_t*>(scratch);
+    const float* xs = reinterpret_cast<const float*>(q + M * K * 2);
+    for (int64_t t = t0; t < t1; ++t)
+      over_rows8(M, [&](auto mt, int64_t m0) {
+        int8a8_tile<decltype(mt)::value>(q, xs, Q + t * NB * K, S, C, Y, K, N, m0, t * NB);
+      });
+    return;
+  }
+  if (int8_act != 32) {
     const int16_t* q = static_cast<const int16_t*>(scratch);
     const float* xs = reinterpret_cast<const float*>(q + M * K);
     for (int64_t t = t0; t < t1; ++t)
@@ -397,16 +475,18 @@ void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, con
     return;
   }
 #else
-  (void)scratch;
+  (void)scratch, (void)C;
 #endif
   for (int64_t t = t0; t < t1; ++t)
     over_rows(M, [&](auto mt, int64_t m0) { int8_tile<decltype(mt)::value>(X, Q + t * NB * K, S, Y, K, N, m0, t * NB); });
 }
-void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, float* Y, int64_t M, int64_t K, int64_t N) {
-  std::vector<int16_t> scratch((llmkit_int8_scratch(M, K) + 1) / 2);
-  llmkit_int8_prep(X, M, K, scratch.data());
-  at::parallel_for(0, N / NB, llmkit_int8_grain(K),
-                   [&](int64_t t0, int64_t t1) { llmkit_int8_range(X, scratch.data(), Q, S, Y, M, K, N, t0, t1); });
+void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, const int32_t* C, float* Y, int64_t M, int64_t K,
+                    int64_t N) {
+  std::vector<int32_t> scratch((llmkit_int8_scratch(M, K) + 3) / 4);
+  llmkit_int8_prep(X, C, M, K, scratch.data());
+  at::parallel_for(0, N / NB, llmkit_int8_grain(K), [&](int64_t t0, int64_t t1) {
+    llmkit_int8_range(X, scratch.data(), Q, S, C, Y, M, K, N, t0, t1);
+  });
 }
 
 // Y (M, N) = X (M, K) @ W^T with W the row-major fp32 weight (N, K). K % 8 == 0; any N ((N + 3) / 4 tiles).
@@ -480,9 +560,10 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y,
                    [&](int64_t t0, int64_t t1) { llmkit_int4_range(scratch.data(), P, SM, Y, M, K, N, g, t0, t1); });
 }
 
-// The activation widths (16 / 8 integer where built with VNNI, or 32): each call sets it to `bits` where that
-// is one of them (0 only asks) and returns the width in effect. llmkit_vnni: whether this build has VNNI.
-int llmkit_int8_act(int bits) { return choose_act(int8_act, bits, 16); }
+// The activation widths (int8: 8 or 16, int4: 8, integer where built with VNNI; or 32): each call sets it to
+// `bits` where that is one of them (0 only asks) and returns the width in effect. llmkit_vnni: whether this
+// build has VNNI.
+int llmkit_int8_act(int bits) { return bits == 16 ? choose_act(int8_act, 16, 16) : choose_act(int8_act, bits, 8); }
 int llmkit_int4_act(int bits) { return choose_act(int4_act, bits, 8); }
 int llmkit_vnni() { return VNNI; }
 

@@ -27,9 +27,9 @@ int64_t llmkit_int8_grain(int64_t K);
 int64_t llmkit_f32_grain(int64_t K);
 int64_t llmkit_int4_grain(int64_t K);
 int64_t llmkit_int8_scratch(int64_t M, int64_t K);
-void llmkit_int8_prep(const float* X, int64_t M, int64_t K, void* scratch);
-void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, float* Y, int64_t M,
-                       int64_t K, int64_t N, int64_t t0, int64_t t1);
+void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch);
+void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, const int32_t* C,
+                       float* Y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1);
 void llmkit_f32_range(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N, int64_t t0,
                       int64_t t1);
 int64_t llmkit_int4_scratch(int64_t M, int64_t K);
@@ -136,6 +136,7 @@ struct Lin {
   int64_t bits, N, K, g;
   const void* w;      // tiles, or the (N, K) fp32 weight
   const float* s;     // int8 scales (N,); int4 tiled scales and mins (N/4, K/g, 2, 4); null for fp32
+  const int32_t* c;   // int8 with int8 activations: the row sums qmm.cpp takes back (N,); else null
   const float* bias;  // (N,) or null
 };
 
@@ -150,7 +151,7 @@ inline void share(int64_t n, int64_t grain, int tid, int nt, int64_t& a, int64_t
 // x rearranged for L's product into scratch (int8/int4: llmkit_int8_scratch / llmkit_int4_scratch bytes), by
 // thread 0, then a barrier; fp32 reads x as it is.
 void prep(const Lin& L, const float* x, int64_t M, void* scratch, const Team& tm) {
-  if (L.bits == 8) tm.single([&] { llmkit_int8_prep(x, M, L.K, scratch); });
+  if (L.bits == 8) tm.single([&] { llmkit_int8_prep(x, L.c, M, L.K, scratch); });
   if (L.bits == 4) tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
 }
 
@@ -168,7 +169,7 @@ void product(const Lin& L, const float* x, float* y, int64_t M, const void* scra
   if (L.bits == 32) {
     llmkit_f32_range(x, static_cast<const float*>(L.w), y, M, L.K, L.N, a, b);
   } else if (L.bits == 8) {
-    llmkit_int8_range(x, scratch, static_cast<const int8_t*>(L.w), L.s, y, M, L.K, L.N, a, b);
+    llmkit_int8_range(x, scratch, static_cast<const int8_t*>(L.w), L.s, L.c, y, M, L.K, L.N, a, b);
   } else {
     llmkit_int4_range(scratch, static_cast<const uint8_t*>(L.w), L.s, y, M, L.K, L.N, L.g, a, b);
   }
@@ -193,7 +194,7 @@ void linear(const Lin& L, const float* x, float* y, int64_t M, void* scratch, co
 // layers share a format.
 void linear2(const Lin& L1, const Lin& L2, const float* x, float* y1, float* y2, int64_t M, void* scratch,
              const Team& tm) {
-  if (L1.bits != L2.bits || L1.K != L2.K) {
+  if (L1.bits != L2.bits || L1.K != L2.K || !L1.c != !L2.c) {
     linear(L1, x, y1, M, scratch, tm);
     linear(L2, x, y2, M, scratch, tm);
     return;
@@ -460,7 +461,7 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
 
 extern "C" {
 
-int llmkit_step_abi() { return 6; }
+int llmkit_step_abi() { return 7; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token), head (0: logits of every token, 1: of each row's last token only, 2:
