@@ -93,16 +93,17 @@ def smooth(model: nn.Module, stats: dict[str, torch.Tensor], alpha: float = ALPH
     for i, b in enumerate(model.blocks):
         p = f"blocks.{i}."
         # the norms' outputs: qkv, and the MLP's gate and up together
-        for norm, lins, key in ((b.norm1, [b.attn.qkv], "attn.qkv"),
-                                (b.norm2, [m for m in (b.mlp.gate, b.mlp.fc) if m is not None], "mlp.fc")):
+        gated = ["mlp.gate"] if b.mlp.gate is not None else []
+        for norm, names in ((b.norm1, ["attn.qkv"]), (b.norm2, [*gated, "mlp.fc"])):
+            lins = [b.get_submodule(n) for n in names]
             w_amax = torch.stack([m.weight.abs().amax(0) for m in lins]).amax(0)
-            s = _scales(stats[p + key], w_amax, alpha)
+            s = _scales(stats[p + names[-1]], w_amax, alpha)  # gate and up share their input (mlp.fc's)
             norm.weight.div_(s)
             if getattr(norm, "bias", None) is not None:
                 norm.bias.div_(s)
             for m in lins:
                 m.weight.mul_(s)
-            done += [p + ("attn.qkv" if m is b.attn.qkv else "mlp.gate" if m is b.mlp.gate else "mlp.fc") for m in lins]
+            done += [p + n for n in names]
         # the attention's output: value rows of qkv (per KV head dimension) into the output projection's columns
         x_amax = stats[p + "attn.proj"].view(nkv, g, hd).amax(1)
         w_amax = b.attn.proj.weight.abs().amax(0).view(nkv, g, hd).amax(1)

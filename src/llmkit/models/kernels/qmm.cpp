@@ -198,17 +198,19 @@ void f32_tile(const float* X, const float* Wt, float* Y, int64_t K, int64_t N, i
   for (; i < nr; ++i) f32_pass<1, MT>(X, Wt + (n + i) * K, Y, K, N, m0, n + i);
 }
 
-// Calls f(MT, m0) over the rows in tiles of at most 4 (the accumulators of a 4 x 4 tile fill the registers).
-template <typename F>
+// Calls f(std::integral_constant<int, mt>, m0) for the compile-time mt == rows (1 <= rows <= MT).
+template <int MT, typename F>
+void with_rows(int64_t rows, int64_t m0, F& f) {
+  if constexpr (MT > 1)
+    if (rows < MT) return with_rows<MT - 1>(rows, m0, f);
+  f(std::integral_constant<int, MT>(), m0);
+}
+
+// Calls f(mt, m0) over the rows in tiles of at most MAX: 4 by default (the accumulators of a 4 x 4 tile fill
+// the registers), 8 for the int8 x int8 product (8 accumulators and one weight register).
+template <int MAX = 4, typename F>
 void over_rows(int64_t M, F f) {
-  for (int64_t m0 = 0; m0 < M;) {
-    switch (M - m0) {
-      case 1: f(std::integral_constant<int, 1>(), m0); m0 += 1; break;
-      case 2: f(std::integral_constant<int, 2>(), m0); m0 += 2; break;
-      case 3: f(std::integral_constant<int, 3>(), m0); m0 += 3; break;
-      default: f(std::integral_constant<int, 4>(), m0); m0 += 4; break;
-    }
-  }
+  for (int64_t m0 = 0; m0 < M; m0 += MAX) with_rows<MAX>(std::min<int64_t>(M - m0, MAX), m0, f);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -398,22 +400,6 @@ void int8a8_tile(const uint8_t* XQ, const float* XS, const int8_t* T, const floa
   }
 }
 
-// Calls f(MT, m0) over the rows in tiles of at most 8 (MT accumulators and one weight register).
-template <typename F>
-void over_rows8(int64_t M, F f) {
-  for (int64_t m0 = 0; m0 < M;) {
-    switch (M - m0) {
-      case 1: f(std::integral_constant<int, 1>(), m0); m0 += 1; break;
-      case 2: f(std::integral_constant<int, 2>(), m0); m0 += 2; break;
-      case 3: f(std::integral_constant<int, 3>(), m0); m0 += 3; break;
-      case 4: f(std::integral_constant<int, 4>(), m0); m0 += 4; break;
-      case 5: f(std::integral_constant<int, 5>(), m0); m0 += 5; break;
-      case 6: f(std::integral_constant<int, 6>(), m0); m0 += 6; break;
-      case 7: f(std::integral_constant<int, 7>(), m0); m0 += 7; break;
-      default: f(std::integral_constant<int, 8>(), m0); m0 += 8; break;
-    }
-  }
-}
 #endif
 
 }  // namespace
@@ -460,7 +446,7 @@ void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, con
     const uint8_t* q = static_cast<const uint8_t*>(scratch);
     const float* xs = reinterpret_cast<const float*>(q + M * K * 2);
     for (int64_t t = t0; t < t1; ++t)
-      over_rows8(M, [&](auto mt, int64_t m0) {
+      over_rows<8>(M, [&](auto mt, int64_t m0) {
         int8a8_tile<decltype(mt)::value>(q, xs, Q + t * NB * K, S, C, Y, K, N, m0, t * NB);
       });
     return;
@@ -563,7 +549,7 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y,
 // The activation widths (int8: 8 or 16, int4: 8, integer where built with VNNI; or 32): each call sets it to
 // `bits` where that is one of them (0 only asks) and returns the width in effect. llmkit_vnni: whether this
 // build has VNNI.
-int llmkit_int8_act(int bits) { return bits == 16 ? choose_act(int8_act, 16, 16) : choose_act(int8_act, bits, 8); }
+int llmkit_int8_act(int bits) { return choose_act(int8_act, bits, bits == 16 ? 16 : 8); }
 int llmkit_int4_act(int bits) { return choose_act(int4_act, bits, 8); }
 int llmkit_vnni() { return VNNI; }
 
