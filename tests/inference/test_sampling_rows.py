@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.inference.sampling import SamplingParams, sample_next, sample_rows
+from llmkit.inference.sampling import SamplingParams, argmax_rows, sample_next, sample_rows
 
 ROWS = [SamplingParams(temperature=0),
         SamplingParams(temperature=0.7, top_k=5),
@@ -72,3 +72,16 @@ def test_sample_rows_without_optional_inputs():
     got = sample_rows(logits, params, [None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)])
     best = logits.argmax(-1)
     assert got[0] == best[0] and got[1] == best[1]  # greedy, and top-1 sampling, are the argmax
+
+
+def test_argmax_rows_is_torch_argmax():
+    """NumPy's argmax (the fast path) answers as torch.argmax does: first index on ties, NaN as the largest,
+    1-D and 2-D inputs; other dtypes take torch's own."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1000)
+    x[1, [5, 700]] = 50.0  # a tie: the first wins
+    x[2, 300], x[2, 10] = float("nan"), 60.0  # NaN counts as the largest
+    x[3] = float("-inf")
+    for t in (x, x[0], x[:, ::2], x.double(), x.bfloat16()):
+        got, want = argmax_rows(t), t.argmax(-1)
+        assert got.dtype == torch.int64 and torch.equal(got, want)

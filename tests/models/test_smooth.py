@@ -61,10 +61,11 @@ def test_smoothing_is_what_makes_int8_activations_close():
     quantize_in_place(smoothed, 8, calibration=_ids(600, 2))
     prepare_quantized(smoothed)
     plain = _model()
-    names = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    names = [n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
     quantize_model(plain, 8, act8=names)
     prepare_quantized(plain)
-    assert all(m.act_bits == 8 for n, m in smoothed.named_modules() if isinstance(m, QuantLinear) and n != "lm_head")
+    # every layer takes int8 activations, the head too (unsmoothed, in both models)
+    assert all(m.act_bits == 8 for m in smoothed.modules() if isinstance(m, QuantLinear))
     err_s = float((steps(smoothed) - want).norm() / want.norm())
     err_p = float((steps(plain) - want).norm() / want.norm())
     assert err_s < 0.05 and err_s < 0.7 * err_p, (err_s, err_p)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.inference.sampling import argmax_rows
 from llmkit.models.kv_cache import KVCache
 from llmkit.models.native_step import MAX_ROWS, native_step
 
@@ -74,7 +75,7 @@ class ModelDraft:
             x = torch.tensor([feed], device=self.device)
             logits = self.model(x, cache=self.cache, last_only=True).logits[0, -1]
             self.n += len(feed)
-            feed = [int(logits.argmax())]
+            feed = [int(argmax_rows(logits))]
             out.append(feed[0])
         return out  # the cache holds seq + out[:-1]
 
@@ -124,7 +125,7 @@ def speculative_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int,
     drafter = NgramDraft(max_ngram) if draft is None else ModelDraft(draft, max_len)
     drafter.extend(prompt)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True).logits[0, -1]
-    last = int(logits.argmax())
+    last = int(argmax_rows(logits))
     produced = 0
     while True:
         if eos_id is not None and last == eos_id:
@@ -145,7 +146,7 @@ def speculative_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int,
             cache.pos += x.size(1)
         else:
             logits = model(x, cache=cache).logits[0]  # (1 + len(guess), V)
-        target = logits.argmax(-1).tolist()
+        target = argmax_rows(logits).tolist()
         m = 0
         while m < len(guess) and guess[m] == target[m]:
             m += 1

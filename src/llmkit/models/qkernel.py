@@ -33,7 +33,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 6, 7  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 7, 8  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@ nothing in exact arithmetic; s_j = amax(x_j)^a / amax(W[:, j])^(1 - a) evens out
 into what produces x: the RMSNorm/LayerNorm before qkv and before the MLP's gate and up, the value rows of qkv
 before the attention's output projection (one s per KV head dimension, shared by the query heads of a group),
 and the up rows of a gated MLP before its down projection. The LM head (its input is the final norm's, tied
-to the embeddings in most models) keeps int16 activations. Measured on SmolLM2-135M (docs/inference.md).
+to the embeddings in most models) is not smoothed: `llmkit quantize` rounds its input to int8 as it is (measured
+better than smoothing it). Measured on SmolLM2-135M (docs/inference.md).
 """
 
 from __future__ import annotations

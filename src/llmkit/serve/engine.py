@@ -32,7 +32,7 @@ from llmkit.data.batching import left_pad
 from llmkit.errors import LlmkitError
 from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
-from llmkit.inference.sampling import SamplingParams, sample_rows
+from llmkit.inference.sampling import SamplingParams, argmax_rows, sample_rows
 from llmkit.models.kv_cache import KVCache
 from llmkit.models.native_step import ENGINE_PREFILL_TOKENS, MAX_ROWS, native_step
 from llmkit.tokenizer import Tokenizer
@@ -424,7 +424,7 @@ class Engine:
     def _choose(reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
         """The next token of each request from its logits row (R, V): one batched argmax for plain greedy rows,
         one vectorized `sample_rows` pass for the rest (each with its own settings, constraint and seed)."""
-        toks = logits.argmax(-1).tolist()
+        toks = argmax_rows(logits).tolist()
         idx = [i for i, r in enumerate(reqs) if not (r.params.plain_greedy and r.constraint is None)]
         if not idx:
             return toks

@@ -406,7 +406,7 @@ void int8a8_tile(const uint8_t* XQ, const float* XS, const int8_t* T, const floa
 
 extern "C" {
 
-int llmkit_qmm_abi() { return 6; }
+int llmkit_qmm_abi() { return 7; }
 
 // The products in two forms: llmkit_*_mm runs one on PyTorch's thread pool, and llmkit_*_range computes output
 // tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among its
@@ -423,19 +423,20 @@ int64_t llmkit_int4_grain(int64_t K) { return std::max<int64_t>(1, 2 * MIN_BYTES
 // or without VNNI x is read as it is.
 int64_t llmkit_int8_scratch(int64_t M, int64_t K) { return int8_act != 32 ? M * K * 2 + M * 4 : 0; }
 
-void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch) {
+// Rows [m0, m1) of x (0 and M: all of it), so that the step's threads can each prepare their own rows.
+void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch, int64_t m0, int64_t m1) {
 #ifdef LLMKIT_VNNI
   if (C && int8_act == 8) {
     uint8_t* q = static_cast<uint8_t*>(scratch);
     float* xs = reinterpret_cast<float*>(q + M * K * 2);
-    for (int64_t m = 0; m < M; ++m) quantize_row8(X + m * K, K, q + m * K, xs + m);
+    for (int64_t m = m0; m < m1; ++m) quantize_row8(X + m * K, K, q + m * K, xs + m);
   } else if (int8_act != 32) {
     int16_t* q = static_cast<int16_t*>(scratch);
     float* xs = reinterpret_cast<float*>(q + M * K);
-    for (int64_t m = 0; m < M; ++m) quantize_row16(X + m * K, K, q + m * K, xs + m);
+    for (int64_t m = m0; m < m1; ++m) quantize_row16(X + m * K, K, q + m * K, xs + m);
   }
 #else
-  (void)X, (void)C, (void)M, (void)K, (void)scratch;
+  (void)X, (void)C, (void)M, (void)K, (void)scratch, (void)m0, (void)m1;
 #endif
 }
 
@@ -469,7 +470,7 @@ void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, con
 void llmkit_int8_mm(const float* X, const int8_t* Q, const float* S, const int32_t* C, float* Y, int64_t M, int64_t K,
                     int64_t N) {
   std::vector<int32_t> scratch((llmkit_int8_scratch(M, K) + 3) / 4);
-  llmkit_int8_prep(X, C, M, K, scratch.data());
+  llmkit_int8_prep(X, C, M, K, scratch.data(), 0, M);
   at::parallel_for(0, N / NB, llmkit_int8_grain(K), [&](int64_t t0, int64_t t1) {
     llmkit_int8_range(X, scratch.data(), Q, S, C, Y, M, K, N, t0, t1);
   });
@@ -495,18 +496,19 @@ void llmkit_f32_mm(const float* X, const float* Wt, float* Y, int64_t M, int64_t
 // x is first rearranged once into a scratch of llmkit_int4_scratch(M, K) bytes by llmkit_int4_prep.
 int64_t llmkit_int4_scratch(int64_t M, int64_t K) { return M * K * 4 + 2 * M * (K / (2 * CH)) * 4; }
 
-void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch) {
+// Rows [m0, m1) of x, as llmkit_int8_prep.
+void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch, int64_t m0, int64_t m1) {
   float* xp = static_cast<float*>(scratch);
 #ifdef LLMKIT_VNNI
   if (int4_act == 8) {  // int8 x, then each block's dx, then its exact sum
     const int64_t nb = K / (2 * CH);
     int8_t* xq = static_cast<int8_t*>(scratch);
     float* dx = xp + M * K;
-    for (int64_t m = 0; m < M; ++m) quantize_blocks(X + m * K, K, xq + m * K, dx + m * nb, dx + M * nb + m * nb);
+    for (int64_t m = m0; m < m1; ++m) quantize_blocks(X + m * K, K, xq + m * K, dx + m * nb, dx + M * nb + m * nb);
     return;
   }
 #endif
-  for (int64_t m = 0; m < M; ++m) {  // x with each block's even columns first, then its odd ones
+  for (int64_t m = m0; m < m1; ++m) {  // x with each block's even columns first, then its odd ones
     const float* x = X + m * K;
     for (int64_t b = 0; b < K; b += 2 * CH)
       for (int c = 0; c < CH; ++c) {
@@ -541,7 +543,7 @@ void llmkit_int4_range(const void* scratch, const uint8_t* P, const float* SM, f
 void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K, int64_t N,
                     int64_t g) {
   std::vector<float> scratch((llmkit_int4_scratch(M, K) + 3) / 4);
-  llmkit_int4_prep(X, M, K, scratch.data());
+  llmkit_int4_prep(X, M, K, scratch.data(), 0, M);
   at::parallel_for(0, N / NB, llmkit_int4_grain(K),
                    [&](int64_t t0, int64_t t1) { llmkit_int4_range(scratch.data(), P, SM, Y, M, K, N, g, t0, t1); });
 }

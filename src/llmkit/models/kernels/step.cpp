@@ -27,13 +27,13 @@ int64_t llmkit_int8_grain(int64_t K);
 int64_t llmkit_f32_grain(int64_t K);
 int64_t llmkit_int4_grain(int64_t K);
 int64_t llmkit_int8_scratch(int64_t M, int64_t K);
-void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch);
+void llmkit_int8_prep(const float* X, const int32_t* C, int64_t M, int64_t K, void* scratch, int64_t m0, int64_t m1);
 void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, const float* S, const int32_t* C,
                        float* Y, int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1);
 void llmkit_f32_range(const float* X, const float* W, float* Y, int64_t M, int64_t K, int64_t N, int64_t t0,
                       int64_t t1);
 int64_t llmkit_int4_scratch(int64_t M, int64_t K);
-void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch);
+void llmkit_int4_prep(const float* X, int64_t M, int64_t K, void* scratch, int64_t m0, int64_t m1);
 void llmkit_int4_range(const void* scratch, const uint8_t* P, const float* SM, float* Y, int64_t M, int64_t K,
                        int64_t N, int64_t g, int64_t t0, int64_t t1);
 }
@@ -148,11 +148,11 @@ inline void share(int64_t n, int64_t grain, int tid, int nt, int64_t& a, int64_t
   b = tid < use ? n * (tid + 1) / use : n;
 }
 
-// x rearranged for L's product into scratch (int8/int4: llmkit_int8_scratch / llmkit_int4_scratch bytes), by
-// thread 0, then a barrier; fp32 reads x as it is.
+// x rearranged for L's product into scratch (int8/int4: llmkit_int8_scratch / llmkit_int4_scratch bytes), its
+// rows shared among the threads, then a barrier; fp32 reads x as it is.
 void prep(const Lin& L, const float* x, int64_t M, void* scratch, const Team& tm) {
-  if (L.bits == 8) tm.single([&] { llmkit_int8_prep(x, L.c, M, L.K, scratch); });
-  if (L.bits == 4) tm.single([&] { llmkit_int4_prep(x, M, L.K, scratch); });
+  if (L.bits == 8) tm.each(M, [&](int64_t r) { llmkit_int8_prep(x, L.c, M, L.K, scratch, r, r + 1); });
+  if (L.bits == 4) tm.each(M, [&](int64_t r) { llmkit_int4_prep(x, M, L.K, scratch, r, r + 1); });
 }
 
 // This thread's share [a, b) of L's tiles.
@@ -461,7 +461,7 @@ void attention(Attn& A, const float* qkv, const float* K, const float* V, const 
 
 extern "C" {
 
-int llmkit_step_abi() { return 7; }
+int llmkit_step_abi() { return 8; }
 
 // dims: n_layer, B, T (tokens per row), C (d_model), nh, nkv, hd, d_ff, V, S (cache length), pos (write
 // position of each row's first token), head (0: logits of every token, 1: of each row's last token only, 2:
@@ -495,7 +495,7 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
       const Lin* lin = lins + 5 * l;
       float* K = kc[l];
       float* Vc = vc[l];
-      tm.single([&] { rmsnorm(x, norms[2 * l], h.data(), M, C, eps); });
+      tm.each(M, [&](int64_t r) { rmsnorm(x + r * C, norms[2 * l], h.data() + r * C, 1, C, eps); });
       linear(lin[0], h.data(), qkv.data(), M, scratch.data(), tm);
       tm.each(M, [&](int64_t r) {
         const int64_t b = A.row(r / T), dst = pos + r % T;
@@ -509,15 +509,15 @@ void llmkit_decode_step(const int64_t* dims, float eps, float scale, const Lin* 
       });
       attention(A, qkv.data(), K, Vc, valid, att.data(), scale, p, tm);
       linear(lin[1], att.data(), o.data(), M, scratch.data(), tm);
-      tm.single([&] {
-        for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
-        rmsnorm(x, norms[2 * l + 1], h.data(), M, C, eps);
+      tm.each(M, [&](int64_t r) {
+        for (int64_t i = r * C; i < (r + 1) * C; ++i) x[i] += o[i];
+        rmsnorm(x + r * C, norms[2 * l + 1], h.data() + r * C, 1, C, eps);
       });
       linear2(lin[2], lin[3], h.data(), g.data(), u.data(), M, scratch.data(), tm);
       tm.each(M, [&](int64_t r) { silu_mul(g.data() + r * F, u.data() + r * F, F); });
       linear(lin[4], g.data(), o.data(), M, scratch.data(), tm);
-      tm.single([&] {
-        for (int64_t i = 0; i < M * C; ++i) x[i] += o[i];
+      tm.each(M, [&](int64_t r) {
+        for (int64_t i = r * C; i < (r + 1) * C; ++i) x[i] += o[i];
       });
     }
     if (head == 2) return;
