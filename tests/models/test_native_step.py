@@ -260,6 +260,24 @@ def test_head_last_and_none_keep_the_cache_writes():
         step.run(idx, p, caches[0].k, caches[0].v, caches[0].valid, 4, head="first")
 
 
+def test_prefill_piece_size_changes_no_number():
+    """A prefill in pieces of 64 tokens (AMX machines take 256) gives the logits and cache of 16-token pieces
+    exactly: each token's products and attention do not depend on how many others share its call."""
+    model = _quantized(8, None, smooth=True)
+    step = ns.native_step(model, 1)
+    prompts = [list(range(3, 40)), list(range(10, 30))]
+    idx, mask = left_pad(prompts, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    outs, caches = [], []
+    for piece in (16, 64):
+        step.piece = piece
+        c = model.new_cache(2, idx.size(1), bounded=False)
+        outs.append(step.prefill(idx, pos, mask, c))
+        caches.append(c)
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+
+
 def test_rows_step_only_the_named_buffer_rows():
     """`rows` maps each new token's row onto a row of the buffers (the engine steps its occupied slots only):
     the logits equal those of the same rows stepped in place (the same sums: exact), only the named rows'

@@ -142,6 +142,28 @@ def test_kernel_switch_typo_is_refused(name, monkeypatch):
     assert qkernel.int4_act() in (8, 32) and qkernel.int8_act() in (8, 16, 32)
 
 
+@pytest.mark.skipif(not qkernel.amx(), reason="no AMX-INT8 here (or LLMKIT_AMX=off)")
+@pytest.mark.parametrize("M", [32, 47, 80])
+def test_amx_product_equals_vnni(M):
+    """The AMX int8 x int8 product (32 rows of x or more) gives the VNNI kernel's outputs exactly: the same int32
+    sums and epilogue. N = 84 covers two-strip, one-strip and leftover tiles; 47 and 80 rows leave rows to VNNI."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (84, 128), dtype=torch.int8)
+    scales = torch.rand(84) + 0.01
+    x = torch.randn(M, 128)
+    tiles, sums = qkernel.tile_int8(q), qkernel.row_sums(q)
+    try:
+        qkernel.amx(False)
+        ref = qkernel.int8_mm(x, tiles, scales, sums)
+        qkernel.amx(True)
+        out = qkernel.int8_mm(x, tiles, scales, sums)
+    finally:
+        qkernel.amx(True)
+    assert torch.equal(out, ref)
+    dense = (x @ (q.float() * scales[:, None]).T)
+    assert (out - dense).abs().max() <= 0.02 * dense.abs().max()  # int8 x: ~1/127 of each row's largest value
+
+
 def test_int4_pack_round_trip():
     torch.manual_seed(0)
     w = torch.randn(64, 64)

@@ -71,6 +71,19 @@ def prefill_tps(model: torch.nn.Module, n: int, vocab: int) -> float:
         return n / median_seconds(lambda: model(x, last_only=True), 2, warmup=1)
 
 
+def native_prefill_tps(model: torch.nn.Module, n: int, vocab: int) -> float | None:
+    """Tokens/s of an n-token prompt prefilled the way `generate` does it where the native step applies (its
+    own pieces; None where it does not apply or the prompt is longer than it takes)."""
+    step = native_step(model, 1)
+    if step is None or n > step.prefill_tokens:
+        return None
+    x = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    mask, pos = torch.ones_like(x), torch.arange(n)[None]
+    with torch.no_grad():
+        return n / median_seconds(lambda: step.prefill(x, pos, mask, model.new_cache(1, n, bounded=False)), 2,
+                                  warmup=1)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: list[int], window: int, chunk: int | None = None) -> float:
     """exp(mean NLL) over non-overlapping windows (the same windows for every format). chunk: each window is fed
@@ -155,6 +168,7 @@ def _smollm2(quick: bool) -> dict[str, Any]:
         r[f"{name}_ratio_to_reference"] = tps / r["reference_tokens_per_s"]
         r[f"{name}_weight_MB"] = weight_bytes(m) / 2**20
         r[f"{name}_prefill512_tokens_per_s"] = prefill_tps(m, 512, hf["vocab_size"])
+        r[f"{name}_native_prefill512_tokens_per_s"] = native_prefill_tps(m, 512, hf["vocab_size"])
     for name in ("int8", "int4", "gguf_q4_1"):
         r[f"{name}_greedy_same_as_fp32_tokens"] = sum(a == b for a, b in zip(tokens[name], tokens["fp32"]))
     r["native_step"] = {name: native_step(m, 1) is not None for name, m in models.items()}

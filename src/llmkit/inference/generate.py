@@ -22,7 +22,7 @@ from llmkit.inference.sampling import SamplingParams, sample_next
 from llmkit.inference.speculative import speculative_greedy
 from llmkit.models.decode_step import StaticKVCache, bucket, check_compiler, step_fn
 from llmkit.models.load import load
-from llmkit.models.native_step import NATIVE_PREFILL_TOKENS, native_step
+from llmkit.models.native_step import native_step
 from llmkit.tokenizer import Tokenizer
 
 
@@ -111,7 +111,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], params: SamplingPar
             logits = step_call(inp, inp_pos, cache)[:, None]
             cache.static = False
             cache.pos += 1
-        elif native is not None and B * idx.size(1) <= NATIVE_PREFILL_TOKENS:
+        elif native is not None and B * idx.size(1) <= native.prefill_tokens:
             logits = native.prefill(idx, pos, mask, cache)[:, None]
         elif cache is not None:
             logits = model(inp, attention_mask=inp_mask, position_ids=inp_pos, cache=cache, last_only=True).logits

@@ -36,6 +36,13 @@ NATIVE_PREFILL_TOKENS = 96
 # int8 measured on the engine thread (medians of 5), forward against native: 8 x 18 tokens 375 against 172 ms,
 # 4 x 64 549 against 342, 256 tokens 494 against 417, 384 tokens 668 against 661.
 ENGINE_PREFILL_TOKENS = 384
+# Where the int8 x int8 products run on AMX tiles (qkernel.amx: 32 rows of x or more, the VNNI kernel's sums
+# exactly) a prefill goes in pieces of up to AMX_PIECE tokens, and the native step stays ahead of the forward
+# up to ~800 tokens (measured on SmolLM2 int8, 2 threads, native in 256-token pieces against the forward: 8 x
+# 20 tokens 38 against 121 ms (16-token pieces on VNNI: 73), 512 tokens 259 against 305, 1,000 tokens 732
+# against 676, where attention's cost per token grows with the keys): AMX_PREFILL_TOKENS. On the engine's
+# thread the forward is slower still (above), so there every prompt is prefilled by the native step.
+AMX_PIECE, AMX_PREFILL_TOKENS, AMX_ENGINE_PREFILL_TOKENS = 256, 768, 1 << 62
 
 
 HEADS = ("all", "last", "none")  # which logits `NativeStep.run` computes (step.cpp's dims[11])
@@ -155,6 +162,11 @@ class NativeStep:
         self.eps = float(eps if eps is not None else torch.finfo(torch.float32).eps)
         self.scale = float(c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5)
         self._cache_ptrs: tuple[tuple[int, ...], ctypes.Array] | None = None
+        amx = qkernel.amx() and any(m.bits == 8 and m.c for m in self.lins)  # int8 x int8 layers on AMX
+        self.piece = AMX_PIECE if amx else MAX_ROWS  # tokens per call, at most, in a prefill
+        # prompts of up to this many tokens (all rows) are prefilled here rather than by the model's forward
+        self.prefill_tokens = AMX_PREFILL_TOKENS if amx else NATIVE_PREFILL_TOKENS
+        self.engine_prefill_tokens = AMX_ENGINE_PREFILL_TOKENS if amx else ENGINE_PREFILL_TOKENS
 
     def _kv(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> int:
         """Address of the 2L cache buffer pointers step.cpp reads, rebuilt when any buffer changes (a new
@@ -171,7 +183,7 @@ class NativeStep:
             valid: torch.Tensor, pos: int, rows_valid: torch.Tensor | None = None,
             start: torch.Tensor | None = None, rows: torch.Tensor | None = None,
             head: str = "all") -> torch.Tensor | None:
-        """Logits (B, T, V) of T new tokens per row (idx, position_ids: (B, T); B * T <= MAX_ROWS). Each layer's
+        """Logits (B, T, V) of T new tokens per row (idx, position_ids: (B, T); B * T <= self.piece). Each layer's
         K/V buffers (>= B rows, nkv, S, hd) get token t at buffer position pos + t, which attends to the valid
         keys up to its own; valid (>= B rows, S) marks those keys, and its columns pos..pos+T-1 are first set
         to `rows_valid` ((B,) or (B, T) for left padding; all True by default). `start` ((B,) int64, default
@@ -185,8 +197,8 @@ class NativeStep:
         S = k[0].size(2)
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-        if B * T > MAX_ROWS or pos + T > S:
-            raise ValueError(f"the native step takes at most {MAX_ROWS} tokens and needs pos + T <= S")
+        if B * T > self.piece or pos + T > S:
+            raise ValueError(f"the native step takes at most {self.piece} tokens and needs pos + T <= S")
         if valid.dtype != torch.bool or valid.size(1) != S or not valid.is_contiguous():
             raise ValueError("valid must be a contiguous bool (rows, S) mask")
         need = B
@@ -223,12 +235,12 @@ class NativeStep:
     def prefill(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: KVCache,
                 begin: int = 0, end: int | None = None, logits: bool = True) -> torch.Tensor | None:
         """Tokens [begin, end) of left-padded prompts (idx, position_ids, mask: (B, T)) into `cache`, whose
-        column j holds token j (`cache.pos` == begin), in pieces of at most MAX_ROWS tokens in all; `cache.pos`
+        column j holds token j (`cache.pos` == begin), in pieces of at most `self.piece` tokens in all; `cache.pos`
         ends at `end`. Returns the logits (B, V) of each row's last token of the span (None with logits=False:
         a chunk of a longer prefill)."""
         B, T = idx.shape
         end = T if end is None else end
-        step = max(1, MAX_ROWS // B)
+        step = max(1, self.piece // B)
         out = None
         for a in range(begin, end, step):
             sl = slice(a, min(end, a + step))

@@ -33,7 +33,7 @@ from llmkit.io import atomic_file
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "qmm.cpp", KERNELS / "step.cpp")  # one library: the step calls the products
 NB, CHUNK = 4, 16  # the tile layout of qmm.cpp: 4 output rows, 16-column chunks (int4: 32-column blocks)
-ABI, STEP_ABI = 7, 8  # the C signatures this module calls, checked when the library is loaded
+ABI, STEP_ABI = 8, 8  # the C signatures this module calls, checked when the library is loaded
 
 
 def cache_dir() -> Path:
@@ -56,7 +56,7 @@ def cpu_flags() -> frozenset[str]:
 
 # The kernels' environment switches and the values each takes (unset: the default, the first).
 SWITCHES = {"LLMKIT_KERNEL_ISA": ("native", "avx2"), "LLMKIT_INT4_ACT": ("int8", "fp32"),
-            "LLMKIT_INT8_ACT": ("int8", "int16", "fp32")}
+            "LLMKIT_INT8_ACT": ("int8", "int16", "fp32"), "LLMKIT_AMX": ("on", "off")}
 
 
 def switch(name: str) -> str:
@@ -118,6 +118,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn = getattr(lib, f"llmkit_int{bits}_act")
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         fn({"fp32": 32, "int16": 16, "int8": 8}[switch(f"LLMKIT_INT{bits}_ACT")])
+    lib.llmkit_amx.argtypes, lib.llmkit_amx.restype = [ctypes.c_int], ctypes.c_int
+    lib.llmkit_amx(int(switch("LLMKIT_AMX") == "on"))
     F = ctypes.c_float
     lib.llmkit_decode_step.argtypes = [P, F, F, P, P, P, P, P, P, P, P, P, P, P]
     return lib, ""
@@ -187,6 +189,14 @@ def int8_act() -> int:
     row to int8 in the layers quantized for int8 activations, to int16, ~1.5e-5 of its largest value, in the
     others) or 16 (int16 in every layer, LLMKIT_INT8_ACT=int16); 32 otherwise or with LLMKIT_INT8_ACT=fp32."""
     return _act(8, 0)
+
+
+def amx(on: bool | None = None) -> bool:
+    """Whether prefill-sized int8 x int8 products (32 rows of x or more) run on AMX tiles: where the build has
+    AMX-INT8, Linux grants the tile state, and LLMKIT_AMX is not off; `on` switches it in this process.
+    Same sums, same outputs as the VNNI kernel."""
+    lib = _load()[0]
+    return bool(lib.llmkit_amx(-1 if on is None else int(on))) if lib is not None else False
 
 
 def set_int8_act(bits: int) -> int:

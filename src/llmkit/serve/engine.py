@@ -34,7 +34,7 @@ from llmkit.inference.constrained import Constraint
 from llmkit.inference.detokenize import TextStream
 from llmkit.inference.sampling import SamplingParams, argmax_rows, sample_rows
 from llmkit.models.kv_cache import KVCache
-from llmkit.models.native_step import ENGINE_PREFILL_TOKENS, MAX_ROWS, native_step
+from llmkit.models.native_step import MAX_ROWS, native_step
 from llmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("llmkit.serve")
@@ -96,7 +96,7 @@ class GenRequest:
 
 
 # a prefill chunk lasts about this many decode steps: running streams' gaps stay near 1 + this times the usual
-CHUNK_STEPS = 1.5
+CHUNK_STEPS = 1.0
 
 
 class Engine:
@@ -290,7 +290,8 @@ class Engine:
             return self.prefill_chunk
         n = max(1, (self._chunk_tokens or 32) // rows)
         # with the native step, chunks stay decode-sized: a dequantizing GEMM has a fixed cost of several steps
-        return min(n, MAX_ROWS // rows) if self._native is not None and rows <= MAX_ROWS else n
+        piece = self._native.piece if self._native is not None else 0
+        return min(n, piece // rows) if rows <= piece else n
 
     def _adapt_chunk(self, tokens: int, seconds: float) -> None:
         """Scale the chunk toward CHUNK_STEPS decode steps of time. A chunk's cost is not proportional to its
@@ -306,11 +307,12 @@ class Engine:
         T = job.idx.size(1)
         end = T if self.n_running == 0 else min(T, job.done + self._chunk_len(len(job.reqs)))
         t0 = time.perf_counter()
-        rows, step = len(job.reqs), MAX_ROWS // len(job.reqs)
-        native = self._native is not None and step > 0 and (
-            end - job.done <= step if self.n_running else rows * (end - job.done) <= ENGINE_PREFILL_TOKENS)
-        if native:  # in pieces of <= MAX_ROWS tokens, each written at the cache position it fills
-            logits = self._native.prefill(job.idx, job.pos, job.mask, job.cache, job.done, end, logits=end == T)
+        rows, nat = len(job.reqs), self._native
+        step = nat.piece // rows if nat is not None else 0
+        native = step > 0 and (
+            end - job.done <= step if self.n_running else rows * (end - job.done) <= nat.engine_prefill_tokens)
+        if native:  # in pieces of <= nat.piece tokens, each written at the cache position it fills
+            logits = nat.prefill(job.idx, job.pos, job.mask, job.cache, job.done, end, logits=end == T)
         else:
             sl = slice(job.done, end)
             logits = self.model(job.idx[:, sl], attention_mask=job.mask[:, sl], position_ids=job.pos[:, sl],

@@ -9,6 +9,8 @@
 // accumulated in fp32. Built by llmkit/models/qkernel.py with g++ -O3 -march=native (AVX2 + FMA).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -223,6 +225,8 @@ constexpr bool VNNI = false;
 // layers: 8 rounds x to int8 in the layers quantized for it (those given row sums C) and to int16 in the
 // others; 16 rounds every layer's x to int16.
 int int4_act = VNNI ? 8 : 32, int8_act = VNNI ? 8 : 32;
+// Whether the int8 x int8 product may take AMX tiles for prefill-sized inputs (llmkit_amx; AMX builds only).
+bool use_amx = true;
 
 // Sets `width` to `bits` where it is `vnni_bits` (VNNI builds only) or 32; 0 only asks. Returns the width.
 int choose_act(int& width, int bits, int vnni_bits) {
@@ -400,13 +404,135 @@ void int8a8_tile(const uint8_t* XQ, const float* XS, const int8_t* T, const floa
   }
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define LLMKIT_AMX 1
+// int8 x int8 products on AMX tiles (tdpbusd), for prefill-sized inputs: one instruction multiplies a 16 x 64
+// tile of x (offset bytes, as int8a8_tile reads) by a 64 x 16 tile of weights into 16 x 16 int32 sums, 16x
+// the work of a vpdpbusd. The int32 sums are the VNNI kernel's exactly, and so is the epilogue: the same
+// outputs. A strip of 16 output rows (4 of the tiles above) is first rearranged into AMX's layout (per 64
+// columns, 16 rows of 4-byte column groups), in registers, into a buffer each row tile of x then reuses.
+// Decode-sized inputs stay on VNNI: at 8-16 rows AMX measured slower inside the step (docs/inference.md).
+constexpr int64_t AMX_ROWS = 16, AMX_MIN_ROWS = 32;
+
+struct TileConfig {  // the 64-byte configuration ldtilecfg reads (palette 1)
+  uint8_t palette = 1, start = 0, pad[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this process may use AMX tiles: Linux hands out the tile state on request (arch_prctl), once.
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// Tiles t..t+3 (16 output rows) of the tiled int8 weight, columns [0, K), into B: K/64 blocks of 16 x 64 bytes,
+// block row r holding, for each output row n, its 4 weights at columns 4r..4r+3 of the block.
+inline void amx_strip(const int8_t* T, int64_t K, int8_t* B) {
+  // a chunk (4 rows x 16 bytes, 16 dwords i*4+q) to its dwords by q: lane q holds dwords q, 4+q, 8+q, 12+q
+  const __m512i byq = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t c = 0; c < K / CH; ++c) {  // chunk c of each of the 4 tiles: block c / 4, rows 4(c % 4)..+3
+    __m512i z[4];
+    for (int a = 0; a < 4; ++a) z[a] = _mm512_permutexvar_epi32(byq, _mm512_loadu_si512(T + a * NB * K + c * 64));
+    // row q of the output = lane q of z0, z1, z2, z3 (a 4 x 4 transpose of 128-bit lanes)
+    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], 0x44), t1 = _mm512_shuffle_i32x4(z[0], z[1], 0xee);
+    const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], 0x44), t3 = _mm512_shuffle_i32x4(z[2], z[3], 0xee);
+    int8_t* out = B + (c / 4) * 1024 + (c % 4) * 4 * 64;
+    _mm512_storeu_si512(out, _mm512_shuffle_i32x4(t0, t2, 0x88));
+    _mm512_storeu_si512(out + 64, _mm512_shuffle_i32x4(t0, t2, 0xdd));
+    _mm512_storeu_si512(out + 128, _mm512_shuffle_i32x4(t1, t3, 0x88));
+    _mm512_storeu_si512(out + 192, _mm512_shuffle_i32x4(t1, t3, 0xdd));
+  }
+}
+
+// Output rows [n, n + 16 S) (S strips of 16, in B one after the other) for rows [0, M16) of x (M16 % 16 == 0):
+// y = (sum - C) * S * XS. Rows go two tiles at a time, so each loaded tile of x or of weights serves two
+// products (tiles 0-3: sums, 4-5: x, 6-7: weights).
+template <int NS>
+void amx_strips(const uint8_t* XQ, const float* XS, const int8_t* B, const float* S, const int32_t* C, float* Y,
+                int64_t K, int64_t N, int64_t M16, int64_t n) {
+  alignas(64) int32_t acc[AMX_ROWS * 16];
+  const int64_t blocks = K / 64, sb = blocks * 1024;  // a strip's bytes in B
+  for (int64_t m = 0; m < M16; m += 2 * AMX_ROWS) {
+    const bool two = m + AMX_ROWS < M16;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (NS == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kc = 0; kc < blocks; ++kc) {
+      _tile_loadd(4, XQ + m * K + kc * 64, K);
+      _tile_loadd(6, B + kc * 1024, 64);
+      _tile_dpbusd(0, 4, 6);
+      if (NS == 2) {
+        _tile_loadd(7, B + sb + kc * 1024, 64);
+        _tile_dpbusd(2, 4, 7);
+      }
+      if (two) {
+        _tile_loadd(5, XQ + (m + AMX_ROWS) * K + kc * 64, K);
+        _tile_dpbusd(1, 5, 6);
+        if (NS == 2) _tile_dpbusd(3, 5, 7);
+      }
+    }
+    for (int st = 0; st < NS; ++st)
+      for (int h = 0; h < (two ? 2 : 1); ++h) {
+        switch (2 * st + h) {  // tile numbers are immediates
+          case 0: _tile_stored(0, acc, 64); break;
+          case 1: _tile_stored(1, acc, 64); break;
+          case 2: _tile_stored(2, acc, 64); break;
+          default: _tile_stored(3, acc, 64); break;
+        }
+        const int64_t n0 = n + 16 * st;
+        const __m512i c = _mm512_loadu_si512(C + n0);
+        const __m512 s = _mm512_loadu_ps(S + n0);
+        for (int64_t j = 0; j < AMX_ROWS; ++j) {
+          const int64_t row = m + h * AMX_ROWS + j;
+          const __m512i r = _mm512_sub_epi32(_mm512_load_si512(acc + j * 16), c);
+          _mm512_storeu_ps(Y + row * N + n0, _mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_mul_ps(s, _mm512_set1_ps(XS[row]))));
+        }
+      }
+  }
+}
+
+// Tiles [t0, t1) for rows [0, M) with AMX where M >= AMX_MIN_ROWS; returns the first tile it left (strips of 4
+// tiles) and sets *rows to the rows it covered (a multiple of 16), the rest for the VNNI kernel.
+int64_t amx_int8a8(const uint8_t* XQ, const float* XS, const int8_t* Q, const float* S, const int32_t* C, float* Y,
+                   int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1, int64_t* rows) {
+  *rows = 0;
+  if (M < AMX_MIN_ROWS || K % 64 || K > 4096 || t1 - t0 < 4 || !amx_ready()) return t0;
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = AMX_ROWS, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);
+  thread_local std::vector<int8_t> strip;
+  strip.resize(2 * 16 * K);
+  const int64_t M16 = M / AMX_ROWS * AMX_ROWS;
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) {  // two strips at a time
+    amx_strip(Q + t * NB * K, K, strip.data());
+    amx_strip(Q + (t + 4) * NB * K, K, strip.data() + 16 * K);
+    amx_strips<2>(XQ, XS, strip.data(), S, C, Y, K, N, M16, t * NB);
+  }
+  for (; t + 4 <= t1; t += 4) {
+    amx_strip(Q + t * NB * K, K, strip.data());
+    amx_strips<1>(XQ, XS, strip.data(), S, C, Y, K, N, M16, t * NB);
+  }
+  _tile_release();
+  *rows = M16;
+  return t;
+}
+#endif
 #endif
 
 }  // namespace
 
 extern "C" {
 
-int llmkit_qmm_abi() { return 7; }
+int llmkit_qmm_abi() { return 8; }
 
 // The products in two forms: llmkit_*_mm runs one on PyTorch's thread pool, and llmkit_*_range computes output
 // tiles [t0, t1) (4 rows each) on the calling thread, for step.cpp, which splits a whole decode step among its
@@ -446,9 +572,13 @@ void llmkit_int8_range(const float* X, const void* scratch, const int8_t* Q, con
   if (C && int8_act == 8) {
     const uint8_t* q = static_cast<const uint8_t*>(scratch);
     const float* xs = reinterpret_cast<const float*>(q + M * K * 2);
-    for (int64_t t = t0; t < t1; ++t)
-      over_rows<8>(M, [&](auto mt, int64_t m0) {
-        int8a8_tile<decltype(mt)::value>(q, xs, Q + t * NB * K, S, C, Y, K, N, m0, t * NB);
+    int64_t ta = t0, rows = 0;
+#ifdef LLMKIT_AMX
+    if (use_amx) ta = amx_int8a8(q, xs, Q, S, C, Y, M, K, N, t0, t1, &rows);
+#endif
+    for (int64_t t = t0; t < t1; ++t)  // what AMX left: the last rows of its tiles, and the tiles after
+      over_rows<8>(t < ta ? M - rows : M, [&](auto mt, int64_t m0) {
+        int8a8_tile<decltype(mt)::value>(q, xs, Q + t * NB * K, S, C, Y, K, N, (t < ta ? rows : 0) + m0, t * NB);
       });
     return;
   }
@@ -554,5 +684,15 @@ void llmkit_int4_mm(const float* X, const uint8_t* P, const float* SM, float* Y,
 int llmkit_int8_act(int bits) { return choose_act(int8_act, bits, bits == 16 ? 16 : 8); }
 int llmkit_int4_act(int bits) { return choose_act(int4_act, bits, 8); }
 int llmkit_vnni() { return VNNI; }
+// AMX for prefill-sized int8 x int8 products: on (1) or off (0), or -1 only asks; returns whether it is in
+// use (built with AMX, the kernel granted the tile state, and on).
+int llmkit_amx(int on) {
+  if (on >= 0) use_amx = on;
+#ifdef LLMKIT_AMX
+  return use_amx && amx_ready();
+#else
+  return 0;
+#endif
+}
 
 }  // extern "C"
