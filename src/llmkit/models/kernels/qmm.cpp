@@ -1,5 +1,6 @@
 // llmkit's weight-only quantized matrix products for decode-sized inputs (a few rows), fp32 activations, and
-// the plain fp32 product the native decode step uses for unquantized layers.
+// the plain fp32 product the native decode step uses for unquantized layers; on AMX machines the int8 x int8
+// product also serves prefill-sized inputs (the native step's prefill pieces, see amx_int8a8).
 //
 // Why: PyTorch's own int8/int4 CPU kernels want bf16 activations and fall back to scalar loops on a CPU
 // without native bf16; at batch 1 decoding is a stream over the weights, so what matters is reading them at
@@ -504,7 +505,7 @@ void amx_strips(const uint8_t* XQ, const float* XS, const int8_t* B, const float
 int64_t amx_int8a8(const uint8_t* XQ, const float* XS, const int8_t* Q, const float* S, const int32_t* C, float* Y,
                    int64_t M, int64_t K, int64_t N, int64_t t0, int64_t t1, int64_t* rows) {
   *rows = 0;
-  if (M < AMX_MIN_ROWS || K % 64 || K > 4096 || t1 - t0 < 4 || !amx_ready()) return t0;
+  if (M < AMX_MIN_ROWS || K % 64 || K >= 65536 || t1 - t0 < 4 || !amx_ready()) return t0;  // int32 sums exact
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = AMX_ROWS, cfg.colsb[i] = 64;
   _tile_loadconfig(&cfg);
