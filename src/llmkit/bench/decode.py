@@ -123,6 +123,22 @@ def llama_bench(path: str, threads: int, new: int) -> dict[str, Any]:
     return res
 
 
+# llama.cpp's formats (the LLMKIT_LLAMA_GGUFS labels; "" is the shipped Q4_1 file) and llmkit's own of each
+LLAMA_PEERS = {"": "gguf_q4_1", "q8_0": "int8", "f32": "fp32"}
+
+
+def llama_ratios(r: dict[str, Any]) -> None:
+    """llmkit's tokens/s over llama.cpp's on the same format, decode and 512-token prefill (the way `generate`
+    prefills: the native step where it takes 512 tokens, else the forward), where both were measured."""
+    for label, ours in LLAMA_PEERS.items():
+        key = f"llama_cpp_{label}_" if label else "llama_cpp_"
+        if (dec := r.get(f"{key}decode_tokens_per_s")) and f"{ours}_tokens_per_s" in r:
+            r[f"{ours}_ratio_to_llama_cpp"] = r[f"{ours}_tokens_per_s"] / dec
+        mine = r.get(f"{ours}_native_prefill512_tokens_per_s") or r.get(f"{ours}_prefill512_tokens_per_s")
+        if (pre := r.get(f"{key}prefill512_tokens_per_s")) and mine:
+            r[f"{ours}_prefill512_ratio_to_llama_cpp"] = mine / pre
+
+
 def _smollm2(quick: bool) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -207,6 +223,9 @@ def _smollm2(quick: bool) -> dict[str, Any]:
         label, _, gguf = item.partition("=")
         for k, v in llama_bench(gguf, torch.get_num_threads(), new).items():
             r[k.replace("llama_cpp_", f"llama_cpp_{label}_", 1)] = v
+    if r.get("llama_cpp_decode_tokens_per_s"):
+        r["llama_cpp_binary"] = os.environ["LLMKIT_LLAMA_BENCH"]
+    llama_ratios(r)
     r["targets"] = {"int8_tokens_per_s": 100, "int8_ratio_to_reference": 5, "int4_tokens_per_s": 110,
                     "fp32_tokens_per_s": 45, "prefill512_tokens_per_s": 800, "int8_perplexity_increase_pct": 1,
                     "int4_perplexity_increase_pct": 5}

@@ -156,9 +156,29 @@ void int4_tile(const float* XP, const uint8_t* T, const float* SM, float* Y, int
 }
 
 // fp32: the model's own row-major (N, K) weight, read in place (a copy in tiles would double the memory). A
-// pass streams NR consecutive rows, one 32-byte load per row per step.
+// pass streams NR consecutive rows, one 64-byte (AVX-512) or 32-byte load per row per step, each line
+// prefetched. AVX-512 with 4 weight rows per pass took the 4-row fp32 decode step of SmolLM2 from 35-40 to 20 ms
+// (2 threads, Xeon with AVX-512).
 template <int NR, int MT>
 void f32_pass(const float* X, const float* Wn, float* Y, int64_t K, int64_t N, int64_t m0, int64_t n) {
+#ifdef __AVX512F__
+  // 16-float steps; K % 16 == 8 leaves one masked half step
+  __m512 acc[NR][MT];
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = k + 16 <= K ? 0xFFFF : 0x00FF;
+    __m512 xs[MT];
+    for (int j = 0; j < MT; ++j) xs[j] = _mm512_maskz_loadu_ps(m, X + (m0 + j) * K + k);
+    for (int i = 0; i < NR; ++i) {
+      prefetch_stream(Wn + i * K + k);
+      const __m512 w = _mm512_maskz_loadu_ps(m, Wn + i * K + k);
+      for (int j = 0; j < MT; ++j) acc[i][j] = _mm512_fmadd_ps(w, xs[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = _mm512_reduce_add_ps(acc[i][j]);
+#else
   __m256 acc[NR][MT];
   for (auto& a : acc)
     for (auto& v : a) v = _mm256_setzero_ps();
@@ -166,20 +186,46 @@ void f32_pass(const float* X, const float* Wn, float* Y, int64_t K, int64_t N, i
     __m256 xs[MT];
     for (int j = 0; j < MT; ++j) xs[j] = _mm256_loadu_ps(X + (m0 + j) * K + k);
     for (int i = 0; i < NR; ++i) {
+      if (k % 16 == 0) prefetch_stream(Wn + i * K + k);
       const __m256 w = _mm256_loadu_ps(Wn + i * K + k);
       for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_fmadd_ps(w, xs[j], acc[i][j]);
     }
   }
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < MT; ++j) Y[(m0 + j) * N + n + i] = hsum(acc[i][j]);
+#endif
 }
 
-// One row of x against one weight row, four independent chains over 32-float steps: at one row of x this
-// read each row in order and beat 4- and 8-row passes by ~3-5 % in the decode step (measured A/B, 2 threads).
+// One row of x against one weight row, four independent chains over 64-float (AVX-512) or 32-float steps: at
+// one row of x this read each row in order and beat 4- and 8-row passes by ~3-5 % in the decode step. The
+// fp32 decode step of SmolLM2 (1 row, 2 threads, Xeon): 24.2 ms with 32-float steps and no software prefetch,
+// 21.5 with 64-float steps, 17.4 with prefetch_stream per line (30.8 GB/s of weights against a 24 GB/s copy).
+
 inline void f32_row1(const float* x, const float* w, float* y, int64_t K) {
+#ifdef __AVX512F__
+  {
+    __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      for (int l = 0; l < 64; l += 16) prefetch_stream(w + k + l);
+      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), b0);
+      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), b1);
+      b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), b2);
+      b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), b3);
+    }
+    for (; k + 16 <= K; k += 16) b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), b0);
+    const __m512 b = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    for (; k < K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
+    *y = hsum(a);
+    return;
+  }
+#endif
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    prefetch_stream(w + k);
+    prefetch_stream(w + k + 16);
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
@@ -195,7 +241,11 @@ void f32_tile(const float* X, const float* Wt, float* Y, int64_t K, int64_t N, i
     for (int64_t i = 0; i < nr; ++i) f32_row1(X + m0 * K, Wt + (n + i) * K, Y + m0 * N + n + i, K);
     return;
   }
+#ifdef __AVX512F__
+  constexpr int NR = 4;  // 16 accumulators of 32 registers at 4 rows
+#else
   constexpr int NR = MT <= 2 ? 4 : 2;
+#endif
   int64_t i = 0;
   for (; i + NR <= nr; i += NR) f32_pass<NR, MT>(X, Wt + (n + i) * K, Y, K, N, m0, n + i);
   for (; i < nr; ++i) f32_pass<1, MT>(X, Wt + (n + i) * K, Y, K, N, m0, n + i);
