@@ -42,5 +42,3 @@ def test_ratios_pair_each_format_with_its_peer():
     assert r["gguf_q4_1_ratio_to_llama_cpp"] == pytest.approx(250 / 275)
     assert r["gguf_q4_1_prefill512_ratio_to_llama_cpp"] == pytest.approx(1.0)  # no native: the forward's
     assert "fp32_ratio_to_llama_cpp" not in r  # no llama.cpp f32 run
-
-

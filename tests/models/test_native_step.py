@@ -208,10 +208,12 @@ def test_cache_pointers_follow_every_buffer():
     assert torch.equal(a.k[1], a_layer1) and b.k[1][0, :, 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 576, 1000), (1, 104, 9), (2, 64, 13), (3, 1536, 36), (4, 72, 17), (5, 40, 7), (16, 96, 130)])
+@pytest.mark.parametrize("M,K,N", [(1, 576, 1000), (1, 104, 9), (2, 64, 13), (3, 1536, 36), (4, 72, 17), (5, 40, 7),
+                                   (16, 96, 130)])
 def test_fp32_product_equals_torch(M, K, N):
     """The fp32 product step.cpp runs for unquantized layers: x @ W^T at 1-16 rows, N not a multiple of the
-    4-row pass, K a multiple of 8 but not of 16, 32 or 64 (the tail steps of the AVX-512 and AVX2 loops); atol 1e-5 of the largest output."""
+    4-row pass, K a multiple of 8 but not of 16, 32 or 64 (the tail steps of the AVX-512 and AVX2 loops);
+    atol 1e-5 of the largest output."""
     g = torch.Generator().manual_seed(M * N)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     want = x @ w.T

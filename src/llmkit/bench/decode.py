@@ -127,11 +127,16 @@ def llama_bench(path: str, threads: int, new: int) -> dict[str, Any]:
 LLAMA_PEERS = {"": "gguf_q4_1", "q8_0": "int8", "f32": "fp32"}
 
 
+def llama_prefix(label: str) -> str:
+    """The key prefix of llama.cpp's figures for one LLMKIT_LLAMA_GGUFS label ("" for the shipped file)."""
+    return f"llama_cpp_{label}_" if label else "llama_cpp_"
+
+
 def llama_ratios(r: dict[str, Any]) -> None:
     """llmkit's tokens/s over llama.cpp's on the same format, decode and 512-token prefill (the way `generate`
     prefills: the native step where it takes 512 tokens, else the forward), where both were measured."""
     for label, ours in LLAMA_PEERS.items():
-        key = f"llama_cpp_{label}_" if label else "llama_cpp_"
+        key = llama_prefix(label)
         if (dec := r.get(f"{key}decode_tokens_per_s")) and f"{ours}_tokens_per_s" in r:
             r[f"{ours}_ratio_to_llama_cpp"] = r[f"{ours}_tokens_per_s"] / dec
         mine = r.get(f"{ours}_native_prefill512_tokens_per_s") or r.get(f"{ours}_prefill512_tokens_per_s")
@@ -222,7 +227,7 @@ def _smollm2(quick: bool) -> dict[str, Any]:
     for item in filter(None, os.environ.get("LLMKIT_LLAMA_GGUFS", "").split(",")):
         label, _, gguf = item.partition("=")
         for k, v in llama_bench(gguf, torch.get_num_threads(), new).items():
-            r[k.replace("llama_cpp_", f"llama_cpp_{label}_", 1)] = v
+            r[k.replace("llama_cpp_", llama_prefix(label), 1)] = v
     if r.get("llama_cpp_decode_tokens_per_s"):
         r["llama_cpp_binary"] = os.environ["LLMKIT_LLAMA_BENCH"]
     llama_ratios(r)

@@ -155,6 +155,11 @@ void int4_tile(const float* XP, const uint8_t* T, const float* SM, float* Y, int
   for (int i0 = 0; i0 < NB; i0 += NR) int4_pass<NR, MT>(XP, T, SM, Y, K, N, g, m0, n, i0);
 }
 
+#ifdef __AVX512F__
+// The lanes of a 16-float step at column k that lie inside K (K % 8 == 0: all 16, or the low 8 at the end).
+inline __mmask16 tail_mask(int64_t k, int64_t K) { return k + 16 <= K ? 0xFFFF : 0x00FF; }
+#endif
+
 // fp32: the model's own row-major (N, K) weight, read in place (a copy in tiles would double the memory). A
 // pass streams NR consecutive rows, one 64-byte (AVX-512) or 32-byte load per row per step, each line
 // prefetched. AVX-512 with 4 weight rows per pass took the 4-row fp32 decode step of SmolLM2 from 35-40 to 20 ms
@@ -162,12 +167,11 @@ void int4_tile(const float* XP, const uint8_t* T, const float* SM, float* Y, int
 template <int NR, int MT>
 void f32_pass(const float* X, const float* Wn, float* Y, int64_t K, int64_t N, int64_t m0, int64_t n) {
 #ifdef __AVX512F__
-  // 16-float steps; K % 16 == 8 leaves one masked half step
   __m512 acc[NR][MT];
   for (auto& a : acc)
     for (auto& v : a) v = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = k + 16 <= K ? 0xFFFF : 0x00FF;
+    const __mmask16 m = tail_mask(k, K);
     __m512 xs[MT];
     for (int j = 0; j < MT; ++j) xs[j] = _mm512_maskz_loadu_ps(m, X + (m0 + j) * K + k);
     for (int i = 0; i < NR; ++i) {
@@ -200,27 +204,23 @@ void f32_pass(const float* X, const float* Wn, float* Y, int64_t K, int64_t N, i
 // one row of x this read each row in order and beat 4- and 8-row passes by ~3-5 % in the decode step. The
 // fp32 decode step of SmolLM2 (1 row, 2 threads, Xeon): 24.2 ms with 32-float steps and no software prefetch,
 // 21.5 with 64-float steps, 17.4 with prefetch_stream per line (30.8 GB/s of weights against a 24 GB/s copy).
-
 inline void f32_row1(const float* x, const float* w, float* y, int64_t K) {
 #ifdef __AVX512F__
-  {
-    __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      for (int l = 0; l < 64; l += 16) prefetch_stream(w + k + l);
-      b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), b0);
-      b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), b1);
-      b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), b2);
-      b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), b3);
-    }
-    for (; k + 16 <= K; k += 16) b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), b0);
-    const __m512 b = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));
-    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    for (; k < K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
-    *y = hsum(a);
-    return;
+  __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    for (int l = 0; l < 64; l += 16) prefetch_stream(w + k + l);
+    b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), b0);
+    b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), b1);
+    b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), b2);
+    b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), b3);
   }
-#endif
+  for (; k < K; k += 16) {
+    const __mmask16 m = tail_mask(k, K);
+    b0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), b0);
+  }
+  *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
+#else
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -233,6 +233,7 @@ inline void f32_row1(const float* x, const float* w, float* y, int64_t K) {
   }
   for (; k < K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
   *y = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
 }
 // Output rows [n, n + nr) (nr <= 4) for rows [m0, m0 + MT) of X.
 template <int MT>
